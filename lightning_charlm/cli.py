@@ -1,0 +1,127 @@
+"""`charlm`: a LightningCLI with the vocabulary linked from data to model, house defaults and clean errors."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_charlm.callbacks import PredictionWriter, SampleText
+from lightning_charlm.data import CharDataModule
+from lightning_charlm.errors import CharLMError
+from lightning_charlm.module import CharLM
+
+
+def check_checkpoint(path: str) -> None:
+    """Load `path` the safe way (tensors and primitives only) or raise a CharLMError that names it."""
+    if not Path(path).is_file():
+        raise CharLMError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CharLMError(
+            f"refused to load {path}: it holds objects other than tensors and primitives, which could run "
+            f"code when unpickled ({str(err).splitlines()[0]})"
+        ) from None
+    except Exception as err:  # truncated zip, random bytes, ...: torch raises several types
+        raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CharLMError(f"{path} is not a Lightning checkpoint (no state_dict)")
+
+
+def default_precision() -> str:
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+class CharLMCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `test` is left out: the corpus has no test split, and validate already scores the held-out 10%.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "test"}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The vocabulary is read from the corpus in CharDataModule and handed to whichever model is chosen.
+        parser.link_arguments("data.vocab", "model.init_args.vocab", apply_on="instantiate")
+        # Callbacks every run has, with flat keys (--early_stopping.patience 3) instead of a callbacks list.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(SampleText, "sample")
+        parser.add_lightning_class_args(PredictionWriter, "writer")
+        parser.set_defaults(
+            {
+                # The model to train when none is named; with --ckpt_path the checkpoint's class wins.
+                "model": {"class_path": "lightning_charlm.GPTLM"},
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.auto_insert_metric_name": False,  # "val/loss" would make folders
+                "early_stopping.monitor": "val/loss",
+                "early_stopping.mode": "min",
+                "early_stopping.patience": 5,  # validation rounds without improvement
+            }
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the checkpoint's hyperparameters into the model config here; make every way that
+        can fail a clear message naming the file, and refuse pickled code (weights_only=True)."""
+        ckpt_path = (
+            self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        )
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
+        self.ckpt_vocab = cfg.model.init_args.get("vocab")  # only present when read from a checkpoint
+        if self.subcommand == "predict" and self.ckpt_vocab:
+            cfg.data.vocab = self.ckpt_vocab  # decode with the checkpoint's vocabulary; never read the corpus
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.ckpt_vocab and self.datamodule.vocab != self.ckpt_vocab:
+            raise CharLMError(
+                f"the checkpoint's vocabulary ({len(self.ckpt_vocab)} characters) differs from the corpus's "
+                f"({len(self.datamodule.vocab)} characters): it was trained on other text; pass the same "
+                "--data.path it was trained on"
+            )
+
+
+TRAINER_DEFAULTS = {
+    "max_steps": 5000,
+    "val_check_interval": 250,
+    "check_val_every_n_epoch": None,  # one endless epoch: validate every val_check_interval steps
+    "gradient_clip_val": 1.0,
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "logs", "name": "charlm", "default_hp_metric": False},
+    },
+}
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        CharLMCLI(
+            CharLM,
+            CharDataModule,
+            subclass_mode_model=True,
+            # Callbacks in trainer_defaults must be instances; they are added to those the config lists.
+            trainer_defaults=TRAINER_DEFAULTS
+            | {"precision": default_precision(), "callbacks": [LearningRateMonitor(logging_interval="step")]},
+            auto_configure_optimizers=False,  # the module's own AdamW + warmup/cosine, stepped per step
+            seed_everything_default=1337,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except CharLMError as err:
+        print(f"charlm: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

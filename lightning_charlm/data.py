@@ -1,0 +1,194 @@
+"""CharDataModule: a contiguous 90/10 split, random training windows, strided validation windows, prompts."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from lightning_charlm.corpus import read_corpus
+from lightning_charlm.errors import CharLMError
+from lightning_charlm.sampling import check_settings
+from lightning_charlm.tokenizer import CharTokenizer
+
+IGNORE = -100  # cross_entropy's ignore_index: targets already scored by an earlier validation window
+
+
+class RandomWindows(IterableDataset):
+    """Endless batches of random windows: x = data[i : i + T], y = data[i + 1 : i + T + 1].
+
+    A whole batch is one gather, not a per-sample Python loop. The generator state and the batch count are
+    the loader state, so a resumed run draws exactly the windows the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, data: torch.Tensor, block_size: int, batch_size: int, seed: int):
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(block_size + 1)
+
+    def __iter__(self):
+        high = len(self.data) - self.block_size
+        while True:
+            ix = torch.randint(high, (self.batch_size, 1), generator=self.generator)
+            chunk = self.data[ix + self.offsets].long()  # (B, T + 1)
+            yield chunk[:, :-1], chunk[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def strided_windows(data: torch.Tensor, block_size: int, stride: int) -> TensorDataset:
+    """Fixed windows that predict every character after the first exactly once.
+
+    Windows start every `stride` characters, plus one flush with the end; a target an earlier window already
+    scored is set to IGNORE, so the token-weighted mean over all windows is the exact loss of the split.
+    With stride < block_size later windows score only their new targets, each with more left context.
+    """
+    n = len(data) - 1  # number of targets
+    starts = list(range(0, n - block_size + 1, stride))
+    if starts[-1] + block_size < n:
+        starts.append(n - block_size)
+    idx = torch.tensor(starts)[:, None] + torch.arange(block_size + 1)  # (N, T + 1)
+    chunk = data[idx].long()
+    x, y = chunk[:, :-1], chunk[:, 1:].clone()
+    # Target j of a window starting at s is character s + 1 + j; the previous window covered up to prev_end.
+    prev_end = torch.tensor([0] + [s + block_size for s in starts[:-1]])
+    y[idx[:, 1:] <= prev_end[:, None]] = IGNORE
+    return TensorDataset(x, y)
+
+
+class Prompts(Dataset):
+    def __init__(self, prompts: list[str]):
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> str:
+        return self.prompts[i]
+
+
+class CharDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str | None = None,
+        block_size: int = 256,
+        batch_size: int = 64,
+        val_stride: int | None = None,
+        val_batch_size: int = 64,
+        seed: int = 1337,
+        vocab: str | None = None,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
+        num_samples: int = 1,
+        max_new_tokens: int = 500,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: str | None = None,
+        sample_seed: int | None = None,
+    ):
+        """Args:
+        path: a UTF-8 text file; default tiny Shakespeare ($CHARLM_DATA_DIR, the cache, or a download).
+        block_size: characters per training and validation window.
+        val_stride: distance between validation window starts (default block_size: no overlap).
+        seed: seeds the training windows (offset by the global rank, so ranks differ).
+        vocab: use this vocabulary instead of the corpus's (set from the checkpoint for predict).
+        prompts, prompts_file, num_samples: what `predict` continues (a file has one prompt per line).
+        max_new_tokens, temperature, top_k, top_p, stop, sample_seed: generation settings for `predict`.
+        """
+        super().__init__()
+        for name, value in [
+            ("block_size", block_size),
+            ("batch_size", batch_size),
+            ("num_samples", num_samples),
+            ("max_new_tokens", max_new_tokens),
+            ("val_batch_size", val_batch_size),
+        ]:
+            if value < 1:
+                raise CharLMError(f"data.{name} must be a positive integer, got {value}")
+        if val_stride is not None and not 1 <= val_stride <= block_size:
+            raise CharLMError(
+                f"data.val_stride must be between 1 and block_size ({block_size}), got {val_stride}"
+            )
+        check_settings(temperature, top_k, top_p)
+        # The vocabulary is the model's hyperparameter; logging it here too would clash when they differ.
+        self.save_hyperparameters(ignore=["vocab"])
+        self._vocab = vocab
+        self._splits: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def vocab(self) -> str:
+        """Sorted unique characters of the corpus; read lazily so `predict` never needs the corpus."""
+        if self._vocab is None:
+            self._load()
+        return self._vocab
+
+    def _load(self) -> None:
+        text = read_corpus(self.hparams.path)
+        tok = CharTokenizer(self._vocab) if self._vocab else CharTokenizer.from_text(text)
+        self._vocab = tok.vocab
+        data = tok.encode(text)
+        n_train = int(0.9 * len(data))
+        train, val = data[:n_train], data[n_train:]
+        need = self.hparams.block_size + 1
+        if min(len(train), len(val)) < need:
+            shortest = next(
+                n for n in range(need, 10 * need + 1) if min(int(0.9 * n), n - int(0.9 * n)) >= need
+            )
+            raise CharLMError(
+                f"corpus too short: {len(data)} characters split into {len(train)} for training and "
+                f"{len(val)} for validation, but one window at block_size {need - 1} needs {need} characters "
+                f"in each; use a corpus of at least {shortest} characters or a smaller --data.block_size"
+            )
+        self._splits = (train, val)
+
+    @property
+    def splits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, val) ids: the first 90% and the last 10% of the corpus, contiguous."""
+        if self._splits is None:
+            self._load()
+        return self._splits
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate"):
+            train, val = self.splits
+            rank = self.trainer.global_rank if self.trainer else 0
+            hp = self.hparams
+            self.train_set = RandomWindows(train, hp.block_size, hp.batch_size, hp.seed + rank)
+            self.val_set = strided_windows(val, hp.block_size, hp.val_stride or hp.block_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.val_batch_size, shuffle=False)
+
+    def prompt_list(self) -> list[str]:
+        hp = self.hparams
+        prompts = list(hp.prompts or [])
+        if hp.prompts_file:
+            path = Path(hp.prompts_file)
+            if not path.is_file():
+                raise CharLMError(f"prompts file not found: {path}")
+            prompts += path.read_text(encoding="utf-8").splitlines()
+        return [p for p in (prompts or [""]) for _ in range(hp.num_samples)]
+
+    def predict_dataloader(self) -> DataLoader:
+        # A batch is the prompt strings plus the generation settings: the LightningModule encodes the prompts
+        # with its own (checkpoint) vocabulary, and the settings never become model hyperparameters.
+        hp = self.hparams
+        settings = {k: hp[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop")}
+        collate = partial(_prompt_batch, settings=settings | {"seed": hp.sample_seed})
+        return DataLoader(Prompts(self.prompt_list()), batch_size=hp.batch_size, collate_fn=collate)
+
+
+def _prompt_batch(prompts: list[str], settings: dict[str, Any]) -> dict[str, Any]:
+    return {"prompts": prompts, **settings}

@@ -1,0 +1,189 @@
+"""The LightningModules: one base (loss, metrics, optimizer, schedule, generation) and BigramLM, GPTLM."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lightning_charlm.data import IGNORE
+from lightning_charlm.errors import CharLMError
+from lightning_charlm.models import GPT, Bigram, GPTConfig
+from lightning_charlm.sampling import sample_text
+from lightning_charlm.tokenizer import CharTokenizer
+
+
+class CharLM(L.LightningModule):
+    """Shared by both models. Subclasses only build `self.net` in `build_net`."""
+
+    def __init__(
+        self,
+        vocab: str,
+        lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        label_smoothing: float = 0.0,
+    ):
+        """Args:
+        vocab: the sorted characters; linked from the datamodule, stored so a checkpoint can decode.
+        lr, min_lr: peak learning rate, reached after `warmup_steps`, then cosine decay to `min_lr` at
+            trainer.max_steps.
+        weight_decay: AdamW decay, applied to 2-D weights only (not to LayerNorm gains).
+        label_smoothing: for the training loss only; validation metrics are always plain cross-entropy.
+        """
+        super().__init__()
+        if lr <= 0 or min_lr < 0 or min_lr > lr:
+            raise CharLMError(
+                f"model.lr must be > 0 and 0 <= model.min_lr <= lr, got lr={lr}, min_lr={min_lr}"
+            )
+        if not 0 <= label_smoothing < 1:
+            raise CharLMError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if warmup_steps < 0 or weight_decay < 0:
+            raise CharLMError("model.warmup_steps and model.weight_decay must be >= 0")
+        self.save_hyperparameters()
+        self.tokenizer = CharTokenizer(vocab)
+        self.net = self.build_net(len(vocab))
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+
+    def build_net(self, vocab_size: int) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x).flatten(0, 1).float()  # (B * T, V); fp32 for a stable log-softmax under bf16
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, y.flatten(), ignore_index=IGNORE, label_smoothing=smoothing)
+        if stage == "train":
+            self.train_loss(loss)
+            self.log("train/loss", self.train_loss, on_step=True, on_epoch=False, prog_bar=True)
+        else:
+            # Weighted by scored tokens, so val/loss is the exact mean over every validation character,
+            # also when windows score different counts and under DDP.
+            self.val_loss.update(loss, weight=(y != IGNORE).sum())
+            self.log("val/loss", self.val_loss, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # synced across ranks; Lightning logs and resets the metric itself
+        self.log("val/ppl", loss.exp())
+        self.log("val/bpc", loss / math.log(2))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[tuple[str, str]]:
+        settings = dict(batch)
+        prompts = settings.pop("prompts")
+        if settings["seed"] is not None:  # each batch its own stream, reproducible from the seed
+            settings["seed"] += batch_idx
+        texts = self.generate(prompts, **settings)
+        return list(zip(prompts, texts, strict=True))
+
+    def generate(self, prompts: list[str], **kwargs: Any) -> list[str]:
+        """Continuations of `prompts` in eval mode (restoring the previous mode); see sampling.sample_text."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return sample_text(self.net, self.tokenizer, prompts, **kwargs)
+        finally:
+            self.net.train(was_training)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas, fused=fused)
+        total = self.trainer.max_steps  # not estimated_stepping_batches: it drops the loader state (#20550)
+        floor = hp.min_lr / hp.lr
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / (hp.warmup_steps + 1)
+            if total <= hp.warmup_steps:
+                return 1.0
+            progress = min(1.0, (step - hp.warmup_steps) / (total - hp.warmup_steps))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # interval "step": with max_steps and one endless epoch an epoch scheduler would never step.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class BigramLM(CharLM):
+    """A V x V table of next-character logits: the baseline."""
+
+    def __init__(
+        self,
+        vocab: str,
+        lr: float = 1e-2,
+        min_lr: float = 1e-3,
+        warmup_steps: int = 0,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(vocab, lr, min_lr, warmup_steps, weight_decay, betas, label_smoothing)
+
+    def build_net(self, vocab_size: int) -> nn.Module:
+        return Bigram(vocab_size)
+
+
+class GPTLM(CharLM):
+    """A GPT (see models/gpt.py); block_size is the longest context it can attend to."""
+
+    def __init__(
+        self,
+        vocab: str,
+        block_size: int = 256,
+        n_layer: int = 6,
+        n_head: int = 6,
+        n_embd: int = 384,
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(vocab, lr, min_lr, warmup_steps, weight_decay, betas, label_smoothing)
+
+    def build_net(self, vocab_size: int) -> nn.Module:
+        hp = self.hparams
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if hp[name] < 1:
+                raise CharLMError(f"model.{name} must be a positive integer, got {hp[name]}")
+        if hp.n_embd % hp.n_head:
+            raise CharLMError(f"model.n_embd ({hp.n_embd}) must be divisible by model.n_head ({hp.n_head})")
+        if not 0 <= hp.dropout < 1:
+            raise CharLMError(f"model.dropout must be in [0, 1), got {hp.dropout}")
+        return GPT(GPTConfig(vocab_size, hp.block_size, hp.n_layer, hp.n_head, hp.n_embd, hp.dropout))
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if (
+            dm is not None
+            and stage in ("fit", "validate")
+            and dm.hparams.block_size > self.hparams.block_size
+        ):
+            raise CharLMError(
+                f"data.block_size ({dm.hparams.block_size}) is longer than the model's context "
+                f"model.block_size ({self.hparams.block_size}); set them equal"
+            )

@@ -1,0 +1,123 @@
+"""The one generation loop, for every model: temperature, top-k, top-p, seeds, stop strings, a KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_charlm.errors import CharLMError
+from lightning_charlm.tokenizer import CharTokenizer
+
+
+def check_settings(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None):
+    if temperature < 0:
+        raise CharLMError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and not 1 <= top_k <= (vocab_size or top_k):
+        raise CharLMError(f"top_k must be between 1 and the vocabulary size ({vocab_size}), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise CharLMError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top k, then outside the nucleus (the smallest set of the most
+    likely tokens whose probability mass reaches top_p). logits: (B, V)."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        probs, order = torch.sort(logits.softmax(-1), dim=-1, descending=True)
+        # A token is dropped when the tokens ranked above it already reach top_p on their own.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+    """One token per row from logits (B, V): argmax at temperature 0, else a filtered sample. -> (B, 1)"""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    stop_ids: list[int] | None = None,
+) -> torch.Tensor:
+    """Extend idx (B, T) by up to max_new_tokens; returns (B, T + n).
+
+    The context is at most block_size tokens. When it would overflow, it slides by a quarter block at once
+    (keeping the last 3/4), so a KV cache is refilled once per quarter block instead of at every token.
+    Positions always count from the window's start, exactly as in training, and the cached and uncached
+    paths see the same windows, so their greedy outputs are equal token for token.
+    """
+    block = model.block_size
+    keep = max(1, block - block // 4)
+    cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
+    start, fed = max(0, idx.size(1) - block), 0  # window start; tokens of the window already cached
+    stop = torch.tensor(stop_ids or [], device=idx.device)
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        if idx.size(1) - start > block:
+            start, fed = idx.size(1) - keep, 0
+            cache = model.new_cache() if cache is not None else None
+        window = idx[:, start:]
+        if cache is None:
+            logits = model(window)[:, -1]
+        else:
+            logits = model(window[:, fed:], cache=cache)[:, -1]
+            fed = window.size(1)
+        idx = torch.cat([idx, next_token(logits, temperature, top_k, top_p, generator)], dim=1)
+        if len(stop) and idx.size(1) >= len(stop):
+            done |= (idx[:, -len(stop) :] == stop).all(-1)
+            if done.all():
+                break
+    return idx
+
+
+def sample_text(
+    model: nn.Module,
+    tokenizer: CharTokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | None = None,
+    use_cache: bool = True,
+) -> list[str]:
+    """Continuations (without the prompt) of each prompt, cut after `stop` if given.
+
+    Prompts are batched by length: learned absolute positions make left-padding incorrect, and equal
+    lengths keep every row's window in step.
+    """
+    check_settings(temperature, top_k, top_p, len(tokenizer))
+    if max_new_tokens < 1:
+        raise CharLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    encoded = [tokenizer.encode(p).long() if p else torch.tensor([tokenizer.start_id]) for p in prompts]
+    stop_ids = tokenizer.encode(stop).tolist() if stop else None
+    out: list[str] = [""] * len(prompts)
+    for length in sorted({len(e) for e in encoded}):
+        rows = [i for i, e in enumerate(encoded) if len(e) == length]
+        idx = torch.stack([encoded[i] for i in rows]).to(device)
+        res = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_ids)
+        for i, ids in zip(rows, res[:, length:], strict=True):
+            text = tokenizer.decode(ids)
+            out[i] = text[: text.index(stop) + len(stop)] if stop and stop in text else text
+    return out

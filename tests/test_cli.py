@@ -1,0 +1,161 @@
+"""End to end through the installed `charlm` console script, in a subprocess, on a temporary directory."""
+
+import glob
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import run_charlm
+
+TINY = [
+    "--model",
+    "lightning_charlm.GPTLM",
+    "--model.block_size",
+    "32",
+    "--model.n_layer",
+    "2",
+    "--model.n_head",
+    "2",
+    "--model.n_embd",
+    "32",
+    "--model.dropout",
+    "0.0",
+    "--model.warmup_steps",
+    "5",
+    "--data.block_size",
+    "32",
+    "--data.batch_size",
+    "16",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
+
+
+def scalars(run: Path) -> EventAccumulator:
+    ea = EventAccumulator(
+        glob.glob(str(run / "events.out.tfevents.*"))[0], size_guidance={"scalars": 0, "tensors": 0}
+    )
+    ea.Reload()
+    return ea
+
+
+def test_fit_validate_predict_end_to_end(tmp_path, corpus):
+    fit = run_charlm(
+        "fit",
+        *TINY,
+        "--data.path",
+        str(corpus),
+        "--trainer.max_steps",
+        "60",
+        "--trainer.val_check_interval",
+        "20",
+        "--sample.every_n_steps",
+        "30",
+        "--sample.max_new_tokens",
+        "40",
+        cwd=tmp_path,
+    )
+    assert fit.returncode == 0, fit.stderr
+    run = tmp_path / "logs" / "charlm" / "version_0"
+    assert (run / "config.yaml").is_file()
+    best, last = run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt"
+    assert best.is_file() and last.is_file()
+    ea = scalars(run)
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/ppl", "val/bpc"} <= tags
+    assert any(t.startswith("lr-") for t in tags)
+    assert "samples/text_summary" in ea.Tags()["tensors"]
+    val = [e.value for e in ea.Scalars("val/loss")]
+    assert val[-1] < val[0]  # it learned
+    ckpt = torch.load(best, weights_only=True)
+    assert ckpt["hyper_parameters"]["vocab"] == "".join(sorted(set(corpus.read_text())))
+    assert (
+        abs(
+            ckpt["callbacks"][next(k for k in ckpt["callbacks"] if "ModelCheckpoint" in k)][
+                "best_model_score"
+            ]
+            - min(val)
+        )
+        < 1e-6
+    )
+
+    val_run = run_charlm(
+        "validate", *TINY, "--data.path", str(corpus), "--ckpt_path", str(best), cwd=tmp_path
+    )
+    assert val_run.returncode == 0, val_run.stderr
+    assert f"{min(val):.4f}"[:-1] in val_run.stdout  # the best checkpoint's val/loss, reproduced
+
+    corpus.unlink()  # predict needs the checkpoint alone
+    out = tmp_path / "samples.txt"
+    pred = run_charlm(
+        "predict",
+        "--ckpt_path",
+        str(best),
+        "--data.prompts",
+        '["the king", "my"]',
+        "--data.max_new_tokens",
+        "30",
+        "--writer.output",
+        str(out),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        cwd=tmp_path,
+    )
+    assert pred.returncode == 0, pred.stderr
+    lines = [line for line in out.read_text().split("\n\n") if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("the king") and len(lines[0]) == len("the king") + 30
+    assert lines[0] in pred.stdout
+
+    bad = run_charlm(
+        "predict",
+        "--ckpt_path",
+        str(best),
+        "--data.prompts",
+        '["the king!"]',
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        cwd=tmp_path,
+    )
+    assert bad.returncode != 0
+    assert "'!' at position 8" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_early_stopping_ends_an_overfitting_run(tmp_path, corpus):
+    big = [a if a != "32" else "64" for a in TINY]
+    fit = run_charlm(
+        "fit",
+        *big,
+        "--data.path",
+        str(corpus),
+        "--model.lr",
+        "3e-3",
+        "--model.min_lr",
+        "3e-3",
+        "--trainer.max_steps",
+        "2000",
+        "--trainer.val_check_interval",
+        "25",
+        "--early_stopping.patience",
+        "2",
+        "--sample.every_n_steps",
+        "100000",
+        cwd=tmp_path,
+    )
+    assert fit.returncode == 0, fit.stderr
+    run = tmp_path / "logs" / "charlm" / "version_0"
+    val = ea_val = [(e.step, e.value) for e in scalars(run).Scalars("val/loss")]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] < 2000  # stopped early
+    assert min(v for _, v in ea_val[-2:]) > min(v for _, v in val)  # the last two rounds did not improve
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    best_step = min(val, key=lambda sv: sv[1])[0]
+    assert best["global_step"] == best_step + 1

@@ -1,0 +1,59 @@
+import torch
+
+from lightning_charlm.data import IGNORE, CharDataModule, RandomWindows, strided_windows
+from lightning_charlm.tokenizer import CharTokenizer
+from tests.conftest import needs_shakespeare
+
+
+@needs_shakespeare
+def test_tiny_shakespeare_split_and_vocabulary():
+    dm = CharDataModule(block_size=8)
+    train, val = dm.splits
+    assert len(dm.vocab) == 65
+    assert (len(train), len(val)) == (1_003_854, 111_540)
+
+
+def test_split_is_contiguous(corpus):
+    dm = CharDataModule(path=str(corpus), block_size=8)
+    train, val = dm.splits
+    text = corpus.read_text()
+    tok = CharTokenizer(dm.vocab)
+    assert tok.decode(train) + tok.decode(val) == text
+    assert len(train) == int(0.9 * len(text))
+
+
+def test_train_windows_shift_and_reproducible():
+    data = torch.arange(1000) % 97
+    a = iter(RandomWindows(data, block_size=16, batch_size=8, seed=3))
+    b = iter(RandomWindows(data, block_size=16, batch_size=8, seed=3))
+    for _ in range(3):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert xa.shape == (8, 16)
+        assert torch.equal(xa[:, 1:], ya[:, :-1])  # y is x shifted by one
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    c = iter(RandomWindows(data, block_size=16, batch_size=8, seed=4))
+    assert not torch.equal(next(c)[0], next(iter(RandomWindows(data, 16, 8, seed=3)))[0])
+
+
+def test_train_windows_resume_from_state():
+    data = torch.arange(500)
+    ds = RandomWindows(data, block_size=8, batch_size=4, seed=0)
+    it = iter(ds)
+    next(it)
+    state = {k: v.clone() for k, v in ds.state_dict().items()}
+    expected = next(it)[0]
+    fresh = RandomWindows(data, block_size=8, batch_size=4, seed=123)
+    fresh.load_state_dict(state)
+    assert torch.equal(next(iter(fresh))[0], expected)
+
+
+def test_val_windows_cover_every_target_exactly_once():
+    data = torch.arange(1, 1001)  # value = position + 1, so targets identify themselves
+    for block, stride in [(16, 16), (16, 5), (7, 7), (999, 999)]:
+        x, y = strided_windows(data, block, stride).tensors
+        scored = y[y != IGNORE]
+        assert sorted(scored.tolist()) == list(range(2, 1001)), (block, stride)
+        kept = y[:, :-1] != IGNORE
+        assert torch.equal(x[:, 1:][kept], y[:, :-1][kept])  # y is x shifted by one
+        x2, y2 = strided_windows(data, block, stride).tensors
+        assert torch.equal(x, x2) and torch.equal(y, y2)  # fixed: identical on every run
