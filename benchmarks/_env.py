@@ -15,7 +15,5 @@ def describe() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (
-        f"date {datetime.date.today()} | {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} "
-        f"| {gpu} | torch {torch.__version__}"
-    )
+    host = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"date {datetime.date.today()} | {host} | {gpu} | torch {torch.__version__}"

@@ -43,8 +43,10 @@ def main() -> None:
     hit = next((e for e in val if e.value <= args.target), None)
     best = min(val, key=lambda e: e.value)
     reached = f"at step {hit.step + 1}, {hit.wall_time - start:.1f} s after launch" if hit else "never"
-    print(f"val/loss <= {args.target}: {reached}; best {best.value:.4f} at step {best.step + 1}; "
-          f"process wall time {total:.1f} s")
+    print(
+        f"val/loss <= {args.target}: {reached}; best {best.value:.4f} at step {best.step + 1}; "
+        f"process wall time {total:.1f} s"
+    )
 
 
 if __name__ == "__main__":
