@@ -1,13 +1,76 @@
-"""Side jobs only: SampleText (periodic samples to stdout and TensorBoard) and the prediction writer."""
+"""Side jobs only: crash-safe checkpoints, SampleText (periodic samples), and the prediction writer."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class Checkpoint(ModelCheckpoint):
+    """ModelCheckpoint that never leaves a half-written file and loses at most `last_every_n_steps` steps.
+
+    - Every file is written to `NAME.tmp` and renamed over `NAME`, so a kill mid-write keeps the old file.
+    - `last.ckpt` is also written every `last_every_n_steps` optimizer steps, not only at validation.
+    - SIGTERM and the first Ctrl-C stop the run after the step in progress and write `last.ckpt`; Lightning
+      turns SIGTERM into a SIGTERMException at the end of a whole step, and SIGINT is routed the same way.
+      A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self, *args: Any, last_every_n_steps: int | None = 100, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.last_every_n_steps = last_every_n_steps
+        self._last_periodic_step = -1  # with gradient accumulation several batches end on one step
+        self._sigint_handler: Any = None
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        tmp = f"{filepath}.tmp"
+        super()._save_checkpoint(trainer, tmp)  # trainer.save_checkpoint ends with a barrier on all ranks
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)  # atomic on POSIX and Windows
+        self._last_checkpoint_saved = filepath
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        n, step = self.last_every_n_steps, trainer.global_step
+        if self.save_last and n and step % n == 0 and step != self._last_periodic_step:
+            saved = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            # ModelCheckpoint skips validation-time saves at a step it already saved: keep best.ckpt possible.
+            self._last_global_step_saved, self._last_periodic_step = saved, step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sigterm = signal.getsignal(signal.SIGTERM)  # Lightning's handler: sets trainer.received_sigterm
+        if callable(sigterm):
+
+            def on_sigint(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+                rank_zero_info(
+                    "\nCtrl-C: stopping after this step and saving last.ckpt (Ctrl-C again to abort)"
+                )
+                sigterm(signum, frame)
+
+            self._sigint_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._sigint_handler is not None:
+            signal.signal(signal.SIGINT, self._sigint_handler)
+            self._sigint_handler = None
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException) and self.save_last:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            rank_zero_info(f"Stopped by a signal at step {trainer.global_step}; saved {self.last_model_path}")
+        else:  # a crash or a non-finite loss: never overwrite good checkpoints with its state
+            super().on_exception(trainer, pl_module, exception)
 
 
 class SampleText(L.Callback):

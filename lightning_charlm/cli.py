@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_charlm.callbacks import PredictionWriter, SampleText
+from lightning_charlm.callbacks import Checkpoint, PredictionWriter, SampleText
 from lightning_charlm.data import CharDataModule
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.module import CharLM
@@ -33,6 +35,41 @@ def check_checkpoint(path: str) -> None:
         raise CharLMError(f"{path} is not a Lightning checkpoint (no state_dict)")
 
 
+def _tensorboard_args(logger):
+    if getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
+        return logger.init_args
+    return None
+
+
+def newest_last_checkpoint(logger) -> Path:
+    """The last.ckpt of the highest logs/<name>/version_N, or a CharLMError naming where it looked."""
+    tb = _tensorboard_args(logger)
+    if tb is None:
+        raise CharLMError(
+            "--ckpt_path last needs the TensorBoard logger to know where runs live; pass a path"
+        )
+    root = Path(tb.save_dir) / tb.name
+    found = sorted(
+        (int(p.parent.parent.name.split("_")[1]), p)
+        for p in root.glob("version_*/checkpoints/last.ckpt")
+        if p.parent.parent.name.split("_")[1].isdigit()
+    )
+    if not found:
+        raise CharLMError(
+            f"--ckpt_path last: no run to resume, {root}/version_*/checkpoints/last.ckpt does not exist. "
+            "Start a new run by leaving out --ckpt_path, or pass the checkpoint's path."
+        )
+    return found[-1][1]
+
+
+def continue_run(logger, ckpt: Path) -> None:
+    """Log a resumed run into the folder its checkpoint lives in, so TensorBoard curves continue."""
+    tb = _tensorboard_args(logger)
+    run = Path(os.path.relpath(ckpt.parent.parent))  # relative like the saved dirpath, so its state reloads
+    if tb is not None and ckpt.parent.name == "checkpoints" and run.name.startswith("version_"):
+        tb.save_dir, tb.name, tb.version = str(run.parent.parent), run.parent.name, run.name
+
+
 def default_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
@@ -47,7 +84,7 @@ class CharLMCLI(LightningCLI):
         # The vocabulary is read from the corpus in CharDataModule and handed to whichever model is chosen.
         parser.link_arguments("data.vocab", "model.init_args.vocab", apply_on="instantiate")
         # Callbacks every run has, with flat keys (--early_stopping.patience 3) instead of a callbacks list.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(SampleText, "sample")
         parser.add_lightning_class_args(PredictionWriter, "writer")
@@ -60,6 +97,7 @@ class CharLMCLI(LightningCLI):
                 "checkpoint.filename": "best",
                 "checkpoint.save_last": True,
                 "checkpoint.auto_insert_metric_name": False,  # "val/loss" would make folders
+                "checkpoint.enable_version_counter": False,  # always best.ckpt, last.ckpt (atomic replace)
                 "early_stopping.monitor": "val/loss",
                 "early_stopping.mode": "min",
                 "early_stopping.patience": 5,  # validation rounds without improvement
@@ -67,13 +105,20 @@ class CharLMCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning reads the checkpoint's hyperparameters into the model config here; make every way that
-        can fail a clear message naming the file, and refuse pickled code (weights_only=True)."""
-        ckpt_path = (
-            self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        )
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            check_checkpoint(ckpt_path)
+        """Lightning reads the checkpoint's hyperparameters into the model config here. Before that: resolve
+        `last` to the newest run of this config, resume into that run's folder, and turn every way a
+        checkpoint can fail into a clear message naming the file (loading with weights_only=True)."""
+        if not self.config.get("subcommand"):
+            return
+        cfg = self.config[self.config.subcommand]
+        if cfg.get("weights_only") is None:
+            cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
+        if cfg.ckpt_path == "last":
+            cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger))
+        if cfg.ckpt_path:
+            check_checkpoint(cfg.ckpt_path)
+            if self.config.subcommand == "fit":
+                continue_run(cfg.trainer.logger, Path(cfg.ckpt_path))
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -121,6 +166,9 @@ def main(args: list[str] | None = None) -> None:
     except CharLMError as err:
         print(f"charlm: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        print("charlm: stopped by a signal; continue with --ckpt_path last", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -21,27 +21,32 @@ IGNORE = -100  # cross_entropy's ignore_index: targets already scored by an earl
 class RandomWindows(IterableDataset):
     """Endless batches of random windows: x = data[i : i + T], y = data[i + 1 : i + T + 1].
 
-    A whole batch is one gather, not a per-sample Python loop. The generator state and the batch count are
-    the loader state, so a resumed run draws exactly the windows the uninterrupted run would have drawn.
+    A whole batch is one gather, not a per-sample Python loop. The generator state is the loader state, so a
+    resumed run draws exactly the windows the uninterrupted run would have drawn.
     """
 
     def __init__(self, data: torch.Tensor, block_size: int, batch_size: int, seed: int):
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.offsets = torch.arange(block_size + 1)
+        self._resume_state = self.generator.get_state()
 
     def __iter__(self):
         high = len(self.data) - self.block_size
         while True:
+            # Lightning fetches one batch ahead of the step it checkpoints, so the state to save is the one
+            # that redraws the newest batch, not the one after it.
+            self._resume_state = self.generator.get_state()
             ix = torch.randint(high, (self.batch_size, 1), generator=self.generator)
             chunk = self.data[ix + self.offsets].long()  # (B, T + 1)
             yield chunk[:, :-1], chunk[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self._resume_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self._resume_state = state["generator"]
 
 
 def strided_windows(data: torch.Tensor, block_size: int, stride: int) -> TensorDataset:
@@ -165,11 +170,16 @@ class CharDataModule(L.LightningDataModule):
             self.train_set = RandomWindows(train, hp.block_size, hp.batch_size, hp.seed + rank)
             self.val_set = strided_windows(val, hp.block_size, hp.val_stride or hp.block_size)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=None)
+    def train_dataloader(self) -> RandomWindows:
+        # The iterable itself, not a DataLoader around it: Lightning saves and restores the state of the
+        # loaders it is given, and a DataLoader has none. Batches are already whole, so no workers are needed.
+        return self.train_set
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.val_batch_size, shuffle=False)
+        # A private generator: a DataLoader draws a base seed from the global RNG at every iter(), and
+        # validation must not move the RNG that dropout uses, or resumed runs would drift.
+        loader_rng = torch.Generator().manual_seed(0)
+        return DataLoader(self.val_set, batch_size=self.hparams.val_batch_size, generator=loader_rng)
 
     def prompt_list(self) -> list[str]:
         hp = self.hparams

@@ -84,6 +84,32 @@ class CharLM(L.LightningModule):
         self.log("val/ppl", loss.exp())
         self.log("val/bpc", loss / math.log(2))
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every rank's RNG state (dropout draws from it), gathered so one file restores all ranks. Tensors
+        # only, so the checkpoint loads with weights_only=True.
+        checkpoint["rng"] = {"cpu": self.all_gather(torch.get_rng_state().to(self.device)).cpu()}
+        if self.device.type == "cuda":
+            checkpoint["rng"]["cuda"] = self.all_gather(
+                torch.cuda.get_rng_state(self.device).to(self.device)
+            ).cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        # Applied here, not at load: the sanity check and other set-up between the two must not use it up.
+        rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if rng is None:
+            return
+        rank = self.global_rank
+
+        def row(states: torch.Tensor) -> torch.Tensor:  # (world, n) or (n,) for one process
+            return states if states.dim() == 1 else states[rank % len(states)]
+
+        torch.set_rng_state(row(rng["cpu"]))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(row(rng["cuda"]), self.device)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[tuple[str, str]]:
         settings = dict(batch)
         prompts = settings.pop("prompts")

@@ -24,13 +24,17 @@ needs_shakespeare = pytest.mark.skipif(tiny_shakespeare() is None, reason="tiny 
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path)
+
+
+def make_corpus(folder: Path) -> Path:
     """A 6,000-character corpus with real structure (repeated words), so a small model learns it fast."""
     rng = random.Random(0)
     words = ["the", "king", "queen", "shall", "not", "love", "speak", "night", "my", "lord", "and", "to"]
     lines = [
         " ".join(rng.choice(words) for _ in range(rng.randint(3, 8))).capitalize() + "." for _ in range(220)
     ]
-    path = tmp_path / "corpus.txt"
+    path = folder / "corpus.txt"
     path.write_text("\n".join(lines)[:6000] + "\n", encoding="utf-8")
     return path
 

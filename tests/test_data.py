@@ -35,16 +35,18 @@ def test_train_windows_shift_and_reproducible():
     assert not torch.equal(next(c)[0], next(iter(RandomWindows(data, 16, 8, seed=3)))[0])
 
 
-def test_train_windows_resume_from_state():
+def test_train_windows_state_redraws_the_newest_batch():
+    # Lightning checkpoints while it already holds the next batch (prefetched), so the saved state must
+    # draw that batch again rather than the one after it.
     data = torch.arange(500)
     ds = RandomWindows(data, block_size=8, batch_size=4, seed=0)
     it = iter(ds)
     next(it)
+    prefetched = next(it)[0]
     state = {k: v.clone() for k, v in ds.state_dict().items()}
-    expected = next(it)[0]
     fresh = RandomWindows(data, block_size=8, batch_size=4, seed=123)
     fresh.load_state_dict(state)
-    assert torch.equal(next(iter(fresh))[0], expected)
+    assert torch.equal(next(iter(fresh))[0], prefetched)
 
 
 def test_val_windows_cover_every_target_exactly_once():

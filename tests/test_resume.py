@@ -1,0 +1,149 @@
+"""Exact resume (after a callback stop, SIGKILL and SIGTERM); crash- and pickle-safe checkpoint loading."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import CHARLM, make_corpus, run_charlm
+from tests.test_cli import TINY
+
+REPO = str(Path(__file__).resolve().parents[1])
+ENV = {"PYTHONPATH": REPO}  # so the runs can import tests.helpers
+RUN = [
+    *TINY,
+    "--model.dropout",
+    "0.1",
+    "--trainer.max_steps",
+    "40",
+    "--trainer.val_check_interval",
+    "15",
+    "--checkpoint.last_every_n_steps",
+    "10",
+    "--sample.every_n_steps",
+    "12",
+    "--sample.max_new_tokens",
+    "8",
+]
+
+
+def callbacks(name: str, **kwargs) -> list[str]:
+    return ["--trainer.callbacks", json.dumps([{"class_path": f"tests.helpers.{name}", "init_args": kwargs}])]
+
+
+def last(tmp: Path, version: int = 0) -> dict:
+    return torch.load(tmp / f"logs/charlm/version_{version}/checkpoints/last.ckpt", weights_only=True)
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"] == 40
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, request) -> dict:
+    """An uninterrupted 40-step run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    corpus = request.getfixturevalue("module_corpus")
+    res = run_charlm("fit", *RUN, "--data.path", str(corpus), cwd=tmp, env=ENV)
+    assert res.returncode == 0, res.stderr
+    return last(tmp)
+
+
+@pytest.fixture(scope="module")
+def module_corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_resume_after_callback_stop_is_bitwise_exact(tmp_path, module_corpus, reference):
+    data = ["--data.path", str(module_corpus)]
+    first = run_charlm("fit", *RUN, *data, *callbacks("StopAtStep", step=20), cwd=tmp_path, env=ENV)
+    assert first.returncode == 0, first.stderr
+    assert last(tmp_path)["global_step"] == 20
+    second = run_charlm("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
+    assert second.returncode == 0, second.stderr
+    assert not (tmp_path / "logs/charlm/version_1").exists()  # continued in the same run folder
+    assert len(list((tmp_path / "logs/charlm/version_0").glob("events.out.tfevents.*"))) == 2
+    assert_same_params(last(tmp_path), reference)
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, module_corpus, reference):
+    data = ["--data.path", str(module_corpus)]
+    args = [CHARLM, "fit", *RUN, *data, *callbacks("HangAtStep", step=25)]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=os.environ | ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt = tmp_path / "logs/charlm/version_0/checkpoints/last.ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt.exists() and last(tmp_path)["global_step"] == 20):
+        time.sleep(0.5)
+    time.sleep(1)  # it now hangs at step 25
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last(tmp_path)["global_step"] == 20
+    resumed = run_charlm("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_params(last(tmp_path), reference)
+
+
+def test_sigterm_saves_last_and_resumes_exactly(tmp_path, module_corpus, reference):
+    data = ["--data.path", str(module_corpus)]
+    args = [
+        CHARLM,
+        "fit",
+        *RUN,
+        *data,
+        "--checkpoint.last_every_n_steps",
+        "1000",
+        *callbacks("SlowSteps", seconds=0.3),
+    ]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=os.environ | ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    best = tmp_path / "logs/charlm/version_0/checkpoints/best.ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not best.exists():  # first validation at step 15 has run
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "--ckpt_path last" in err and "Traceback" not in err
+    stopped_at = last(tmp_path)["global_step"]
+    assert 15 <= stopped_at < 40
+    resumed = run_charlm("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_params(last(tmp_path), reference)
+
+
+def test_last_with_no_run_is_a_clear_error(tmp_path, corpus):
+    res = run_charlm("fit", *TINY, "--data.path", str(corpus), "--ckpt_path", "last", cwd=tmp_path)
+    assert res.returncode != 0 and "no run to resume" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_truncated_and_pickled_checkpoints_are_refused(tmp_path, reference):
+    good = tmp_path / "good.ckpt"
+    torch.save(reference, good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    res = run_charlm("predict", "--ckpt_path", str(truncated), "--trainer.logger", "false", cwd=tmp_path)
+    assert res.returncode != 0 and "truncated.ckpt" in res.stderr and "Traceback" not in res.stderr
+
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({**reference, "extra": Payload()}, evil)
+    for cmd in (["predict", "--trainer.logger", "false"], ["fit", *TINY]):
+        res = run_charlm(*cmd, "--ckpt_path", str(evil), cwd=tmp_path)
+        assert res.returncode != 0 and "refused to load" in res.stderr and "Traceback" not in res.stderr
+    assert not marker.exists()
