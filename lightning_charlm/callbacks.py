@@ -8,14 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_charlm.errors import CharLMError
 
 
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint that never leaves a half-written file and loses at most `last_every_n_steps` steps.
 
+    - Nothing is saved once the loss or the weights are non-finite: the run stops with a CharLMError instead.
     - Every file is written to `NAME.tmp` and renamed over `NAME`, so a kill mid-write keeps the old file.
     - `last.ckpt` is also written every `last_every_n_steps` optimizer steps, not only at validation.
     - SIGTERM and the first Ctrl-C stop the run after the step in progress and write `last.ckpt`; Lightning
@@ -28,16 +32,41 @@ class Checkpoint(ModelCheckpoint):
         self.last_every_n_steps = last_every_n_steps
         self._last_periodic_step = -1  # with gradient accumulation several batches end on one step
         self._sigint_handler: Any = None
+        self._bad_step: torch.Tensor | None = None
+
+    def _raise_if_nonfinite(self, trainer: L.Trainer) -> None:
+        """Stop before a checkpoint could hold NaN/inf weights (one device sync, so only now and then)."""
+        step = int(self._bad_step) if self._bad_step is not None else -1
+        params = list(trainer.lightning_module.parameters())
+        if step < 0 and not torch.stack([p.isfinite().all() for p in params]).all():
+            step = trainer.global_step
+        if step >= 0:
+            raise CharLMError(
+                f"the training loss or weights became non-finite (nan or inf) at step {step}; the run is "
+                "stopped and the checkpoints written before are kept as they were. Try a lower --model.lr, "
+                "more --model.warmup_steps or 32-bit precision."
+            )
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._raise_if_nonfinite(trainer)
         tmp = f"{filepath}.tmp"
         super()._save_checkpoint(trainer, tmp)  # trainer.save_checkpoint ends with a barrier on all ranks
         if trainer.is_global_zero:
             os.replace(tmp, filepath)  # atomic on POSIX and Windows
         self._last_checkpoint_saved = filepath
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args)
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args: Any
+    ) -> None:
+        # Remember the first step with a non-finite loss on the device, without a sync every step.
+        loss = outputs["loss"].detach() if isinstance(outputs, dict) else outputs.detach()
+        step = torch.full_like(loss, trainer.global_step)
+        if self._bad_step is None:
+            self._bad_step = torch.full_like(loss, -1)
+        self._bad_step = torch.where(~loss.isfinite() & (self._bad_step < 0), step, self._bad_step)
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._raise_if_nonfinite(trainer)
+        super().on_train_batch_end(trainer, pl_module, outputs, *args)
         n, step = self.last_every_n_steps, trainer.global_step
         if self.save_last and n and step % n == 0 and step != self._last_periodic_step:
             saved = self._last_global_step_saved

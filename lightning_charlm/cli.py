@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -33,6 +35,20 @@ def check_checkpoint(path: str) -> None:
         raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CharLMError(f"{path} is not a Lightning checkpoint (no state_dict)")
+
+
+def model_named(args: list[str]) -> bool:
+    """Whether the user chose a model class on the command line or in a -c config file."""
+    for i, arg in enumerate(args):
+        if arg == "--model" or arg.startswith(("--model=", "--model.class_path")):
+            return True
+        path = args[i + 1] if arg in ("-c", "--config") and i + 1 < len(args) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path and Path(path).is_file():
+            cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict | str):
+                return True
+    return False
 
 
 def _tensorboard_args(logger):
@@ -115,11 +131,36 @@ class CharLMCLI(LightningCLI):
             cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
         if cfg.ckpt_path == "last":
             cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger))
-        if cfg.ckpt_path:
-            check_checkpoint(cfg.ckpt_path)
-            if self.config.subcommand == "fit":
-                continue_run(cfg.trainer.logger, Path(cfg.ckpt_path))
-        super()._parse_ckpt_path()
+        if not cfg.ckpt_path:
+            return
+        check_checkpoint(cfg.ckpt_path)
+        if self.config.subcommand == "fit":
+            continue_run(cfg.trainer.logger, Path(cfg.ckpt_path))
+        asked = cfg.model.class_path if model_named(self._args) else None
+        super()._parse_ckpt_path()  # replaces the model config with the checkpoint's
+        held = self.config[self.config.subcommand].model.class_path
+        if asked and held != asked:
+            raise CharLMError(
+                f"{cfg.ckpt_path} holds a {held.rsplit('.', 1)[-1]} but the config asks for a "
+                f"{asked.rsplit('.', 1)[-1]}: use the config it was trained with, or leave the model out"
+            )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
+    def before_fit(self) -> None:
+        # Fail before any training if the run folder cannot be written (a file in the way, permissions).
+        log_dir = self.trainer.log_dir
+        if log_dir is not None and self.trainer.is_global_zero:
+            try:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=log_dir).close()
+            except OSError as err:
+                raise CharLMError(
+                    f"cannot write the run folder {log_dir} ({err.strerror}); make the logs folder writable "
+                    "or choose another with --trainer.logger.init_args.save_dir"
+                ) from None
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
@@ -142,6 +183,7 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 250,
     "check_val_every_n_epoch": None,  # one endless epoch: validate every val_check_interval steps
     "gradient_clip_val": 1.0,
+    "use_distributed_sampler": False,  # CharDataModule shards by rank itself, without padding
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "logs", "name": "charlm", "default_hp_metric": False},

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from lightning_charlm.corpus import read_corpus
 from lightning_charlm.errors import CharLMError
@@ -21,32 +21,38 @@ IGNORE = -100  # cross_entropy's ignore_index: targets already scored by an earl
 class RandomWindows(IterableDataset):
     """Endless batches of random windows: x = data[i : i + T], y = data[i + 1 : i + T + 1].
 
-    A whole batch is one gather, not a per-sample Python loop. The generator state is the loader state, so a
-    resumed run draws exactly the windows the uninterrupted run would have drawn.
+    A whole batch is one gather, not a per-sample Python loop. The state is the number of batches drawn:
+    restoring re-seeds and fast-forwards, so a resumed run draws exactly the windows the uninterrupted run
+    would have, on every rank (each has its own seed), even though Lightning saves rank 0's state only.
     """
 
     def __init__(self, data: torch.Tensor, block_size: int, batch_size: int, seed: int):
-        self.data, self.block_size, self.batch_size = data, block_size, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.data, self.block_size, self.batch_size, self.seed = data, block_size, batch_size, seed
         self.offsets = torch.arange(block_size + 1)
-        self._resume_state = self.generator.get_state()
+        self._restart(0)
+
+    def _restart(self, batches: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(batches):  # the same draws as training made, so the generator lands on the same state
+            self._draw()
+        self.drawn = batches
+
+    def _draw(self) -> torch.Tensor:
+        return torch.randint(len(self.data) - self.block_size, (self.batch_size, 1), generator=self.generator)
 
     def __iter__(self):
-        high = len(self.data) - self.block_size
         while True:
-            # Lightning fetches one batch ahead of the step it checkpoints, so the state to save is the one
-            # that redraws the newest batch, not the one after it.
-            self._resume_state = self.generator.get_state()
-            ix = torch.randint(high, (self.batch_size, 1), generator=self.generator)
+            ix = self._draw()
+            self.drawn += 1
             chunk = self.data[ix + self.offsets].long()  # (B, T + 1)
             yield chunk[:, :-1], chunk[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self._resume_state}
+        # Lightning fetches one batch ahead of the step it checkpoints: resume by drawing that batch again.
+        return {"batches": max(0, self.drawn - 1)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self._resume_state = state["generator"]
+        self._restart(state["batches"])
 
 
 def strided_windows(data: torch.Tensor, block_size: int, stride: int) -> TensorDataset:
@@ -179,7 +185,17 @@ class CharDataModule(L.LightningDataModule):
         # A private generator: a DataLoader draws a base seed from the global RNG at every iter(), and
         # validation must not move the RNG that dropout uses, or resumed runs would drift.
         loader_rng = torch.Generator().manual_seed(0)
-        return DataLoader(self.val_set, batch_size=self.hparams.val_batch_size, generator=loader_rng)
+        return DataLoader(
+            self._shard(self.val_set), batch_size=self.hparams.val_batch_size, generator=loader_rng
+        )
+
+    def _shard(self, dataset: Dataset) -> Dataset:
+        """This rank's share, every `world_size`-th item: no duplicates and no padding (Lightning's sampler
+        pads, which would count some windows twice), so metrics synced over ranks equal one process's."""
+        world = self.trainer.world_size if self.trainer else 1
+        if world == 1:
+            return dataset
+        return Subset(dataset, range(self.trainer.global_rank, len(dataset), world))
 
     def prompt_list(self) -> list[str]:
         hp = self.hparams
@@ -197,7 +213,9 @@ class CharDataModule(L.LightningDataModule):
         hp = self.hparams
         settings = {k: hp[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop")}
         collate = partial(_prompt_batch, settings=settings | {"seed": hp.sample_seed})
-        return DataLoader(Prompts(self.prompt_list()), batch_size=hp.batch_size, collate_fn=collate)
+        return DataLoader(
+            self._shard(Prompts(self.prompt_list())), batch_size=hp.batch_size, collate_fn=collate
+        )
 
 
 def _prompt_batch(prompts: list[str], settings: dict[str, Any]) -> dict[str, Any]:

@@ -104,7 +104,8 @@ class CharLM(L.LightningModule):
         rank = self.global_rank
 
         def row(states: torch.Tensor) -> torch.Tensor:  # (world, n) or (n,) for one process
-            return states if states.dim() == 1 else states[rank % len(states)]
+            # A copy: set_rng_state reads the storage from its start, so a view at an offset would crash.
+            return (states if states.dim() == 1 else states[rank % len(states)]).clone()
 
         torch.set_rng_state(row(rng["cpu"]))
         if "cuda" in rng and self.device.type == "cuda":

@@ -43,10 +43,13 @@ def test_train_windows_state_redraws_the_newest_batch():
     it = iter(ds)
     next(it)
     prefetched = next(it)[0]
-    state = {k: v.clone() for k, v in ds.state_dict().items()}
-    fresh = RandomWindows(data, block_size=8, batch_size=4, seed=123)
+    state = ds.state_dict()
+    fresh = RandomWindows(data, block_size=8, batch_size=4, seed=0)
     fresh.load_state_dict(state)
     assert torch.equal(next(iter(fresh))[0], prefetched)
+    other_rank = RandomWindows(data, block_size=8, batch_size=4, seed=1)
+    other_rank.load_state_dict(state)
+    assert not torch.equal(next(iter(other_rank))[0], prefetched)  # each rank continues its own stream
 
 
 def test_val_windows_cover_every_target_exactly_once():

@@ -1,0 +1,73 @@
+"""Real 2-process DDP on CPU (gloo) through the console script: exact validation and resume across ranks."""
+
+import re
+
+import pytest
+import torch
+
+from tests.conftest import make_corpus, run_charlm
+from tests.test_cli import TINY
+from tests.test_resume import ENV, callbacks
+
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+RUN = [
+    *TINY,
+    "--model.dropout",
+    "0.1",
+    "--trainer.max_steps",
+    "20",
+    "--trainer.val_check_interval",
+    "10",
+    "--sample.every_n_steps",
+    "10",
+    "--sample.max_new_tokens",
+    "8",
+]
+
+
+def val_loss(stdout: str) -> float:
+    return float(re.search(r"val/loss\W+([0-9.]+)", stdout).group(1))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    corpus = make_corpus(tmp)
+    res = run_charlm("fit", *RUN, *DDP, "--data.path", str(corpus), cwd=tmp, env=ENV)
+    assert res.returncode == 0, res.stderr
+    return tmp, corpus
+
+
+def test_ddp_validate_equals_single_process(ddp_run):
+    tmp, corpus = ddp_run
+    best = tmp / "logs/charlm/version_0/checkpoints/best.ckpt"
+    args = [
+        "validate",
+        *TINY,
+        "--data.path",
+        str(corpus),
+        "--ckpt_path",
+        str(best),
+        "--trainer.logger",
+        "false",
+    ]
+    two = run_charlm(*args, *DDP, cwd=tmp)
+    one = run_charlm(*args, cwd=tmp)
+    assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
+    assert abs(val_loss(two.stdout) - val_loss(one.stdout)) < 1e-5
+    saved = torch.load(best, weights_only=True)
+    assert saved["rng"]["cpu"].shape[0] == 2  # one RNG state per rank
+
+
+def test_ddp_resume_is_exact(ddp_run, tmp_path):
+    ref_tmp, corpus = ddp_run
+    data = ["--data.path", str(corpus)]
+    first = run_charlm("fit", *RUN, *DDP, *data, *callbacks("StopAtStep", step=10), cwd=tmp_path, env=ENV)
+    assert first.returncode == 0, first.stderr
+    resumed = run_charlm("fit", *RUN, *DDP, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "logs/charlm/version_0/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(ref_tmp / "logs/charlm/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 20
+    for k in b["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
