@@ -145,7 +145,11 @@ class SampleText(L.Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes each prompt and its continuation to stdout and to `output` (one file per rank)."""
+    """Writes each prompt and its continuation to stdout and to `output` (one file per rank).
+
+    The file is written as `output.tmp` and renamed when prediction ends, so a failed run (a bad prompt, say)
+    leaves an earlier `output` as it was.
+    """
 
     def __init__(self, output: str = "predictions.txt"):
         super().__init__(write_interval="batch")
@@ -155,16 +159,27 @@ class PredictionWriter(BasePredictionWriter):
         p = Path(self.output)
         return p if trainer.world_size == 1 else p.with_name(f"{p.stem}.rank{trainer.global_rank}{p.suffix}")
 
+    def _tmp(self, trainer: L.Trainer) -> Path:
+        return self.path(trainer).with_name(self.path(trainer).name + ".tmp")
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = self.path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("", encoding="utf-8")
+        self._tmp(trainer).parent.mkdir(parents=True, exist_ok=True)
+        self._tmp(trainer).write_text("", encoding="utf-8")
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
-        with self.path(trainer).open("a", encoding="utf-8") as f:
+        with self._tmp(trainer).open("a", encoding="utf-8") as f:
             for prompt, text in prediction:
                 record = f"{prompt}{text}\n"
                 print(record, flush=True)
                 f.write(record + "\n")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        os.replace(self._tmp(trainer), self.path(trainer))
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if trainer.predicting:
+            self._tmp(trainer).unlink(missing_ok=True)

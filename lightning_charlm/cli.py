@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_charlm.callbacks import Checkpoint, PredictionWriter, SampleText
@@ -27,6 +27,8 @@ def check_checkpoint(path: str) -> None:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # not a pickle at all, rather than a pickle that calls code
+            raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
         raise CharLMError(
             f"refused to load {path}: it holds objects other than tensors and primitives, which could run "
             f"code when unpickled ({str(err).splitlines()[0]})"
@@ -88,6 +90,22 @@ def continue_run(logger, ckpt: Path) -> None:
 
 def default_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+class CharLMParser(LightningArgumentParser):
+    def print_usage(self, file=None) -> None:
+        # On a bad option the full usage (about 100 lines) would bury the one line that says what is wrong;
+        # the tip printed after this points to --help for the whole list.
+        print(f"usage: {self.prog.replace(' [options]', '')} [options]", file=file)
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """config.yaml goes beside a run's TensorBoard events. Without a logger Lightning would write it to the
+    working directory, over any config.yaml already there, so then (and for predict) it is not written."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is not None and stage != "predict":
+            super().setup(trainer, pl_module, stage)
 
 
 class CharLMCLI(LightningCLI):
@@ -165,8 +183,12 @@ class CharLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
         self.ckpt_vocab = cfg.model.init_args.get("vocab")  # only present when read from a checkpoint
-        if self.subcommand == "predict" and self.ckpt_vocab:
-            cfg.data.vocab = self.ckpt_vocab  # decode with the checkpoint's vocabulary; never read the corpus
+        if self.subcommand == "predict":
+            cfg.trainer.logger = False  # nothing to log; a logger would only leave an empty run folder
+            if self.ckpt_vocab:
+                cfg.data.vocab = (
+                    self.ckpt_vocab
+                )  # decode with the checkpoint's vocabulary; never read the corpus
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -191,22 +213,34 @@ TRAINER_DEFAULTS = {
 }
 
 
+def _causes(err: BaseException):
+    # jsonargparse re-raises errors from a class's __init__ inside its own ValueError: look down the chain.
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         CharLMCLI(
             CharLM,
             CharDataModule,
             subclass_mode_model=True,
+            parser_class=CharLMParser,
             # Callbacks in trainer_defaults must be instances; they are added to those the config lists.
             trainer_defaults=TRAINER_DEFAULTS
             | {"precision": default_precision(), "callbacks": [LearningRateMonitor(logging_interval="step")]},
             auto_configure_optimizers=False,  # the module's own AdamW + warmup/cosine, stepped per step
             seed_everything_default=1337,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=SaveRunConfig,
+            save_config_kwargs={"overwrite": True},  # a resumed run writes into its own folder again
             args=args,
         )
-    except CharLMError as err:
-        print(f"charlm: error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = next((e for e in _causes(err) if isinstance(e, CharLMError)), None)
+        if user_error is None:
+            raise
+        print(f"charlm: error: {user_error}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:
         print("charlm: stopped by a signal; continue with --ckpt_path last", file=sys.stderr)

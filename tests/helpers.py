@@ -35,3 +35,14 @@ class SlowSteps(L.Callback):
 
     def on_train_batch_end(self, *args):
         time.sleep(self.seconds)
+
+
+class PoisonAtStep(L.Callback):
+    """Sets a weight to inf once `step` steps are done, as a diverging run would, so the loss turns nan."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            next(pl_module.parameters()).data.fill_(float("inf"))

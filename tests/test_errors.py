@@ -1,0 +1,159 @@
+"""Every bad input: one clear message, a non-zero exit, no traceback, and no damage to earlier files."""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_corpus, run_charlm
+from tests.test_cli import TINY
+from tests.test_resume import ENV, callbacks
+
+SHORT = ["--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--sample.every_n_steps", "1000"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A folder with a corpus, odd files, and a finished run whose files must survive every case."""
+    tmp = tmp_path_factory.mktemp("errors")
+    make_corpus(tmp)
+    res = run_charlm("fit", *TINY, *SHORT, "--data.path", "corpus.txt", cwd=tmp)
+    assert res.returncode == 0, res.stderr
+    (tmp / "empty.txt").write_text("")
+    (tmp / "short.txt").write_text("To be, or not to be.\n" * 3)
+    (tmp / "latin1.txt").write_bytes(b"caf" + b"\xe9 au lait\n" * 50)
+    (tmp / "notes.txt").write_text("not a checkpoint\n")
+    (tmp / "other.txt").write_text("Ünïcödé ✓ 世界 🙂\n" * 400)
+    (tmp / "blocked").write_text("a file where the logs folder should be\n")
+    return tmp
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+BEST = "logs/charlm/version_0/checkpoints/best.ckpt"
+FIT = ["fit", *TINY, *SHORT, "--data.path", "corpus.txt"]
+PREDICT = ["predict", "--ckpt_path", BEST, "--trainer.logger", "false", "--writer.output", "out.txt"]
+CASES = {
+    "corpus missing": (["fit", *TINY, "--data.path", "nope.txt"], r"corpus file not found: nope\.txt"),
+    "corpus is a directory": (["fit", *TINY, "--data.path", "logs"], r"is a directory"),
+    "corpus empty": (["fit", *TINY, "--data.path", "empty.txt"], r"corpus file is empty"),
+    "corpus too short": (["fit", *TINY, "--data.path", "short.txt"], r"too short.*at least \d+ characters"),
+    "corpus not utf-8": (["fit", *TINY, "--data.path", "latin1.txt"], r"not UTF-8.*0xe9 at byte offset 3"),
+    "n_embd not divisible": ([*FIT, "--model.n_embd", "33"], r"n_embd \(33\) must be divisible by .*n_head"),
+    "block_size zero": ([*FIT, "--model.block_size", "0"], r"model\.block_size must be a positive"),
+    "data block_size zero": ([*FIT, "--data.block_size", "0"], r"data\.block_size must be a positive"),
+    "batch_size negative": ([*FIT, "--data.batch_size", "-4"], r"data\.batch_size must be a positive"),
+    "n_layer zero": ([*FIT, "--model.n_layer", "0"], r"model\.n_layer must be a positive"),
+    "dropout one": ([*FIT, "--model.dropout", "1.0"], r"model\.dropout must be in \[0, 1\)"),
+    "label smoothing negative": ([*FIT, "--model.label_smoothing", "-0.1"], r"label_smoothing must be in"),
+    "lr zero": ([*FIT, "--model.lr", "0"], r"model\.lr must be > 0"),
+    "unknown option": ([*FIT, "--model.n_layers", "3"], r"n_layers"),
+    "data block longer than model": ([*FIT, "--data.block_size", "64"], r"longer than the model's context"),
+    "max_new_tokens zero": (
+        [*PREDICT, "--data.max_new_tokens", "0"],
+        r"data\.max_new_tokens must be a positive",
+    ),
+    "temperature negative": ([*PREDICT, "--data.temperature", "-1"], r"temperature must be >= 0"),
+    "top_k zero": ([*PREDICT, "--data.top_k", "0"], r"top_k must be between 1 and"),
+    "top_k above vocabulary": ([*PREDICT, "--data.top_k", "500"], r"top_k must be between 1 and .*\(\d+\)"),
+    "top_p zero": ([*PREDICT, "--data.top_p", "0"], r"top_p must be in \(0, 1\]"),
+    "top_p above one": ([*PREDICT, "--data.top_p", "1.5"], r"top_p must be in \(0, 1\]"),
+    "prompt unknown characters": ([*PREDICT, "--data.prompts", '["my lord?"]'], r"'\?' at position 7"),
+    "checkpoint missing": (
+        ["validate", *TINY, "--ckpt_path", "gone.ckpt"],
+        r"checkpoint not found: gone\.ckpt",
+    ),
+    "not a checkpoint": (
+        ["validate", *TINY, "--ckpt_path", "notes.txt"],
+        r"notes\.txt is not a readable checkpoint",
+    ),
+    "other model class": (
+        [
+            "validate",
+            "--model",
+            "lightning_charlm.BigramLM",
+            "--data.path",
+            "corpus.txt",
+            "--ckpt_path",
+            BEST,
+        ],
+        r"holds a GPTLM but the config asks for a BigramLM",
+    ),
+    "other vocabulary": (
+        ["validate", *TINY, "--data.path", "other.txt", "--ckpt_path", BEST],
+        r"checkpoint's vocabulary .* differs from the corpus's",
+    ),
+    "logs folder not writable": (
+        [*FIT, "--trainer.logger.init_args.save_dir", "blocked"],
+        r"cannot write the run folder blocked",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input(case, work):
+    args, message = CASES[case]
+    before = snapshot(work)
+    res = run_charlm(*args, cwd=work)
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert re.search(message, res.stderr), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    after = snapshot(work)
+    changed = [k for k in before if after.get(k) != before[k]]
+    assert not changed  # nothing written before was changed or removed
+
+
+def test_any_utf8_text_and_long_prompts_work(work):
+    fit = run_charlm("fit", *TINY, *SHORT, "--data.path", "other.txt", cwd=work)
+    assert fit.returncode == 0, fit.stderr
+    best = sorted(work.glob("logs/charlm/version_*/checkpoints/best.ckpt"))[-1]
+    val = run_charlm("validate", *TINY, "--data.path", "other.txt", "--ckpt_path", str(best), cwd=work)
+    assert val.returncode == 0, val.stderr
+    prompt = "世界 🙂 Ünïcödé ✓\n" * 10  # 160 characters: longer than block_size 32, so it is cropped
+    prompts = json.dumps([prompt], ensure_ascii=False)  # raw characters, as a user types them
+    pred = run_charlm(
+        "predict",
+        "--ckpt_path",
+        str(best),
+        "--data.prompts",
+        prompts,
+        "--data.max_new_tokens",
+        "20",
+        "--trainer.logger",
+        "false",
+        "--writer.output",
+        "u.txt",
+        cwd=work,
+    )
+    assert pred.returncode == 0, pred.stderr
+    text = (work / "u.txt").read_text(encoding="utf-8")
+    assert text.startswith(prompt) and len(text.rstrip("\n")) >= len(prompt.rstrip("\n"))
+
+
+def test_non_finite_loss_stops_and_keeps_earlier_checkpoints(tmp_path):
+    make_corpus(tmp_path)
+    args = [
+        "fit",
+        *TINY,
+        "--data.path",
+        "corpus.txt",
+        "--trainer.max_steps",
+        "40",
+        "--trainer.val_check_interval",
+        "5",
+        "--checkpoint.last_every_n_steps",
+        "5",
+    ]
+    res = run_charlm(*args, *callbacks("PoisonAtStep", step=12), cwd=tmp_path, env=ENV)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert re.search(r"non-finite \(nan or inf\) at step 1[23]\b", res.stderr), res.stderr[-2000:]
+    ckpts = tmp_path / "logs/charlm/version_0/checkpoints"
+    for name in ("best.ckpt", "last.ckpt"):
+        state = torch.load(ckpts / name, weights_only=True)
+        assert state["global_step"] <= 10
+        assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
