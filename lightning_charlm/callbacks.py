@@ -1,9 +1,10 @@
-"""Side jobs only: crash-safe checkpoints, SampleText (periodic samples), and the prediction writer."""
+"""Side jobs only: safe checkpoints, throughput, SampleText (periodic samples), the prediction writer."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,36 @@ class Checkpoint(ModelCheckpoint):
             rank_zero_info(f"Stopped by a signal at step {trainer.global_step}; saved {self.last_model_path}")
         else:  # a crash or a non-finite loss: never overwrite good checkpoints with its state
             super().on_exception(trainer, pl_module, exception)
+
+
+class TokensPerSecond(L.Callback):
+    """Training throughput, all ranks together, as `train/tokens_per_s` in the progress bar and TensorBoard.
+
+    Timed over windows of `every_n_steps` steps with one device sync per window; Lightning's
+    ThroughputMonitor syncs at every step, which costs GPU time. The first window includes warm-up.
+    """
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every_n_steps = every_n_steps
+        self._t0: float | None = None
+        self._tokens, self._last_step = 0, -1
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args
+    ) -> None:
+        self._tokens += batch[0].numel() * trainer.world_size
+        step = trainer.global_step
+        if self._t0 is not None and (step % self.every_n_steps or step == self._last_step):
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        now = time.perf_counter()
+        if self._t0 is not None:
+            rate = self._tokens / (now - self._t0)
+            pl_module.log("train/tokens_per_s", rate, prog_bar=True, logger=False)
+            if trainer.logger is not None and trainer.is_global_zero:
+                trainer.logger.log_metrics({"train/tokens_per_s": rate}, step)
+        self._t0, self._tokens, self._last_step = now, 0, step
 
 
 class SampleText(L.Callback):

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_charlm.callbacks import Checkpoint, PredictionWriter, SampleText
+from lightning_charlm.callbacks import Checkpoint, PredictionWriter, SampleText, TokensPerSecond
 from lightning_charlm.data import CharDataModule
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.module import CharLM
@@ -229,7 +229,10 @@ def main(args: list[str] | None = None) -> None:
             parser_class=CharLMParser,
             # Callbacks in trainer_defaults must be instances; they are added to those the config lists.
             trainer_defaults=TRAINER_DEFAULTS
-            | {"precision": default_precision(), "callbacks": [LearningRateMonitor(logging_interval="step")]},
+            | {
+                "precision": default_precision(),
+                "callbacks": [LearningRateMonitor(logging_interval="step"), TokensPerSecond()],
+            },
             auto_configure_optimizers=False,  # the module's own AdamW + warmup/cosine, stepped per step
             seed_everything_default=1337,
             save_config_callback=SaveRunConfig,

@@ -71,3 +71,14 @@ def test_ddp_resume_is_exact(ddp_run, tmp_path):
     assert a["global_step"] == b["global_step"] == 20
     for k in b["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
+def test_single_process_checkpoint_resumes_under_ddp(ddp_run, tmp_path):
+    _, corpus = ddp_run
+    data = ["--data.path", str(corpus)]
+    one = run_charlm("fit", *RUN, *data, *callbacks("StopAtStep", step=10), cwd=tmp_path, env=ENV)
+    assert one.returncode == 0, one.stderr
+    two = run_charlm("fit", *RUN, *DDP, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
+    assert two.returncode == 0, two.stderr
+    resumed = torch.load(tmp_path / "logs/charlm/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 20 and resumed["rng"]["cpu"].shape[0] == 2
