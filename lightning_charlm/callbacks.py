@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -131,6 +131,19 @@ class TokensPerSecond(L.Callback):
             if trainer.logger is not None and trainer.is_global_zero:
                 trainer.logger.log_metrics({"train/tokens_per_s": rate}, step)
         self._t0, self._tokens, self._last_step = now, 0, step
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich bar, labelled for step-based training: one endless epoch would read "Epoch 0/-2",
+    and the run's version number would show as a float metric."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train steps"
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class SampleText(L.Callback):

@@ -2,90 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import pickle
 import sys
 import tempfile
 from pathlib import Path
 
+import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_charlm.callbacks import Checkpoint, PredictionWriter, SampleText, TokensPerSecond
+from lightning_charlm.callbacks import (
+    Checkpoint,
+    PredictionWriter,
+    SampleText,
+    StepProgressBar,
+    TokensPerSecond,
+)
 from lightning_charlm.data import CharDataModule
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.module import CharLM
-
-
-def check_checkpoint(path: str) -> None:
-    """Load `path` the safe way (tensors and primitives only) or raise a CharLMError that names it."""
-    if not Path(path).is_file():
-        raise CharLMError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "global" not in str(err).lower():  # not a pickle at all, rather than a pickle that calls code
-            raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
-        raise CharLMError(
-            f"refused to load {path}: it holds objects other than tensors and primitives, which could run "
-            f"code when unpickled ({str(err).splitlines()[0]})"
-        ) from None
-    except Exception as err:  # truncated zip, random bytes, ...: torch raises several types
-        raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CharLMError(f"{path} is not a Lightning checkpoint (no state_dict)")
-
-
-def model_named(args: list[str]) -> bool:
-    """Whether the user chose a model class on the command line or in a -c config file."""
-    for i, arg in enumerate(args):
-        if arg == "--model" or arg.startswith(("--model=", "--model.class_path")):
-            return True
-        path = args[i + 1] if arg in ("-c", "--config") and i + 1 < len(args) else None
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
-        if path and Path(path).is_file():
-            cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-            if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict | str):
-                return True
-    return False
-
-
-def _tensorboard_args(logger):
-    if getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
-        return logger.init_args
-    return None
-
-
-def newest_last_checkpoint(logger) -> Path:
-    """The last.ckpt of the highest logs/<name>/version_N, or a CharLMError naming where it looked."""
-    tb = _tensorboard_args(logger)
-    if tb is None:
-        raise CharLMError(
-            "--ckpt_path last needs the TensorBoard logger to know where runs live; pass a path"
-        )
-    root = Path(tb.save_dir) / tb.name
-    found = sorted(
-        (int(p.parent.parent.name.split("_")[1]), p)
-        for p in root.glob("version_*/checkpoints/last.ckpt")
-        if p.parent.parent.name.split("_")[1].isdigit()
-    )
-    if not found:
-        raise CharLMError(
-            f"--ckpt_path last: no run to resume, {root}/version_*/checkpoints/last.ckpt does not exist. "
-            "Start a new run by leaving out --ckpt_path, or pass the checkpoint's path."
-        )
-    return found[-1][1]
-
-
-def continue_run(logger, ckpt: Path) -> None:
-    """Log a resumed run into the folder its checkpoint lives in, so TensorBoard curves continue."""
-    tb = _tensorboard_args(logger)
-    run = Path(os.path.relpath(ckpt.parent.parent))  # relative like the saved dirpath, so its state reloads
-    if tb is not None and ckpt.parent.name == "checkpoints" and run.name.startswith("version_"):
-        tb.save_dir, tb.name, tb.version = str(run.parent.parent), run.parent.name, run.name
+from lightning_charlm.runs import check_checkpoint, continue_run, model_named, newest_last_checkpoint
 
 
 def default_precision() -> str:
@@ -167,6 +104,12 @@ class CharLMCLI(LightningCLI):
         self._args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         super().parse_arguments(parser, args)
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        # Added here, not in the defaults: Lightning refuses a bar callback with enable_progress_bar=False.
+        if config.get("enable_progress_bar") is not False:
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_fit(self) -> None:
         # Fail before any training if the run folder cannot be written (a file in the way, permissions).
         log_dir = self.trainer.log_dir
@@ -186,9 +129,7 @@ class CharLMCLI(LightningCLI):
         if self.subcommand == "predict":
             cfg.trainer.logger = False  # nothing to log; a logger would only leave an empty run folder
             if self.ckpt_vocab:
-                cfg.data.vocab = (
-                    self.ckpt_vocab
-                )  # decode with the checkpoint's vocabulary; never read the corpus
+                cfg.data.vocab = self.ckpt_vocab  # the checkpoint's vocabulary: the corpus is never read
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -227,6 +168,10 @@ def main(args: list[str] | None = None) -> None:
             CharDataModule,
             subclass_mode_model=True,
             parser_class=CharLMParser,
+            parser_kwargs={
+                "prog": "charlm",
+                "description": "Train and sample character-level language models.",
+            },
             # Callbacks in trainer_defaults must be instances; they are added to those the config lists.
             trainer_defaults=TRAINER_DEFAULTS
             | {

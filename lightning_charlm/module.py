@@ -81,8 +81,9 @@ class CharLM(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # synced across ranks; Lightning logs and resets the metric itself
-        self.log("val/ppl", loss.exp())
-        self.log("val/bpc", loss / math.log(2))
+        # Identical on every rank already, so averaging them (sync_dist) changes nothing but the warning.
+        self.log("val/ppl", loss.exp(), sync_dist=True)
+        self.log("val/bpc", loss / math.log(2), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Every rank's RNG state (dropout draws from it), gathered so one file restores all ranks. Tensors

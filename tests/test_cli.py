@@ -91,25 +91,28 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus):
     assert val_run.returncode == 0, val_run.stderr
     assert f"{min(val):.4f}"[:-1] in val_run.stdout  # the best checkpoint's val/loss, reproduced
 
-    corpus.unlink()  # predict needs the checkpoint alone
+    # predict needs the checkpoint alone: no corpus anywhere, and the download cache must stay empty
+    corpus.unlink()
+    nowhere = {"CHARLM_DATA_DIR": str(tmp_path / "no-data"), "XDG_CACHE_HOME": str(tmp_path / "no-cache")}
     out = tmp_path / "samples.txt"
-    pred = run_charlm(
-        "predict",
-        "--ckpt_path",
-        str(best),
-        "--data.prompts",
-        '["the king", "my"]',
-        "--data.max_new_tokens",
-        "30",
-        "--writer.output",
-        str(out),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.logger",
-        "false",
-        cwd=tmp_path,
-    )
+    predict = ["predict", "--ckpt_path", str(best), "--trainer.accelerator", "cpu"]
+    prompts = ["--data.prompts", '["the king", "my"]', "--data.max_new_tokens", "30"]
+    pred = run_charlm(*predict, *prompts, "--writer.output", str(out), cwd=tmp_path, env=nowhere)
     assert pred.returncode == 0, pred.stderr
+    assert not (tmp_path / "no-cache").exists()
+    bf16 = tmp_path / "bf16.txt"
+    res = run_charlm(
+        *predict,
+        *prompts,
+        "--trainer.precision",
+        "bf16-mixed",
+        "--writer.output",
+        str(bf16),
+        cwd=tmp_path,
+        env=nowhere,
+    )
+    assert res.returncode == 0, res.stderr
+    assert bf16.read_text().startswith("the king")
     lines = [line for line in out.read_text().split("\n\n") if line.strip()]
     assert len(lines) == 2 and lines[0].startswith("the king") and len(lines[0]) == len("the king") + 30
     assert lines[0] in pred.stdout

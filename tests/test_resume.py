@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_charlm import GPTLM
 from tests.conftest import CHARLM, make_corpus, run_charlm
 from tests.test_cli import TINY
 
@@ -93,7 +95,8 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, module_corpus, referenc
     assert_same_params(last(tmp_path), reference)
 
 
-def test_sigterm_saves_last_and_resumes_exactly(tmp_path, module_corpus, reference):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_last_and_resumes_exactly(sig, tmp_path, module_corpus, reference):
     data = ["--data.path", str(module_corpus)]
     args = [
         CHARLM,
@@ -111,7 +114,7 @@ def test_sigterm_saves_last_and_resumes_exactly(tmp_path, module_corpus, referen
     deadline = time.time() + 120
     while time.time() < deadline and not best.exists():  # first validation at step 15 has run
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "--ckpt_path last" in err and "Traceback" not in err
     stopped_at = last(tmp_path)["global_step"]
@@ -146,4 +149,6 @@ def test_truncated_and_pickled_checkpoints_are_refused(tmp_path, reference):
     for cmd in (["predict", "--trainer.logger", "false"], ["fit", *TINY]):
         res = run_charlm(*cmd, "--ckpt_path", str(evil), cwd=tmp_path)
         assert res.returncode != 0 and "refused to load" in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(pickle.UnpicklingError):
+        GPTLM.load_from_checkpoint(evil, weights_only=True)
     assert not marker.exists()
