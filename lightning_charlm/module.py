@@ -190,7 +190,10 @@ class GPTLM(CharLM):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
         label_smoothing: float = 0.0,
+        checkpointing: bool = False,
     ):
+        """checkpointing: recompute activations in the backward pass (activation checkpointing) to fit
+        larger blocks and batches in less memory, at about a third more compute."""
         super().__init__(vocab, lr, min_lr, warmup_steps, weight_decay, betas, label_smoothing)
 
     def build_net(self, vocab_size: int) -> nn.Module:
@@ -202,7 +205,11 @@ class GPTLM(CharLM):
             raise CharLMError(f"model.n_embd ({hp.n_embd}) must be divisible by model.n_head ({hp.n_head})")
         if not 0 <= hp.dropout < 1:
             raise CharLMError(f"model.dropout must be in [0, 1), got {hp.dropout}")
-        return GPT(GPTConfig(vocab_size, hp.block_size, hp.n_layer, hp.n_head, hp.n_embd, hp.dropout))
+        return GPT(
+            GPTConfig(
+                vocab_size, hp.block_size, hp.n_layer, hp.n_head, hp.n_embd, hp.dropout, hp.checkpointing
+            )
+        )
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule

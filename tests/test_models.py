@@ -103,3 +103,17 @@ def test_same_seed_same_sample_and_stop_string():
     assert all(len(t) == 30 for t in a)
     stopped = sample_text(model, tok, ["ab"] * 4, 30, temperature=1.0, seed=7, stop="a")
     assert all(t.endswith("a") and t.count("a") == 1 for t in stopped if "a" in t)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(
+            GPTConfig(11, 16, n_layer=2, n_head=2, n_embd=32, dropout=0.1, checkpointing=checkpointing)
+        )
+        torch.manual_seed(1)  # same dropout masks in both runs
+        idx = torch.randint(11, (4, 16))
+        F.cross_entropy(model(idx).flatten(0, 1), idx.roll(1).flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
