@@ -1,5 +1,6 @@
 """Real 2-process DDP on CPU (gloo) through the console script: exact validation and resume across ranks."""
 
+import json
 import re
 
 import pytest
@@ -82,3 +83,29 @@ def test_single_process_checkpoint_resumes_under_ddp(ddp_run, tmp_path):
     assert two.returncode == 0, two.stderr
     resumed = torch.load(tmp_path / "logs/charlm/version_0/checkpoints/last.ckpt", weights_only=True)
     assert resumed["global_step"] == 20 and resumed["rng"]["cpu"].shape[0] == 2
+
+
+def test_ddp_predict_writes_one_file_per_rank(ddp_run, tmp_path):
+    tmp, _ = ddp_run
+    best = tmp / "logs/charlm/version_0/checkpoints/best.ckpt"
+    prompts = ["the", "my lord", "king"]
+    res = run_charlm(
+        "predict",
+        "--ckpt_path",
+        str(best),
+        "--data.prompts",
+        json.dumps(prompts),
+        "--data.max_new_tokens",
+        "10",
+        *DDP,
+        "--writer.output",
+        str(tmp_path / "p.txt"),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    files = sorted(tmp_path.glob("p.rank*.txt"))
+    assert [f.name for f in files] == ["p.rank0.txt", "p.rank1.txt"]
+    # Rank r continues every other prompt starting at r; a record is prompt + 10 characters + a blank line.
+    rank0, rank1 = (f.read_text(encoding="utf-8") for f in files)
+    assert rank0.startswith("the") and rank1.startswith("my lord")
+    assert len(rank0) == len("the") + len("king") + 2 * (10 + 2) and len(rank1) == len("my lord") + 10 + 2
