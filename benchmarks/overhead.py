@@ -1,6 +1,7 @@
 """Lightning overhead: steady-state training tokens/s of the project's Trainer (GPTLM + CharDataModule, the
 default callbacks and a TensorBoard logger) against a plain PyTorch loop doing the same work: same GPT,
-batch, random windows, AdamW groups, schedule, clipping and precision. Validation is off in both.
+batch, random windows, AdamW groups, a per-step LambdaLR (warmup only: the same cost per step, not the same
+curve), clipping and precision. Validation is off in both.
 
     python benchmarks/overhead.py                 # CPU: configs/gpt-cpu.yaml's model and batch
     python benchmarks/overhead.py --size gpt      # configs/gpt.yaml's (on CUDA when present)

@@ -61,10 +61,10 @@ class Checkpoint(ModelCheckpoint):
     ) -> None:
         # Remember the first step with a non-finite loss on the device, without a sync every step.
         loss = outputs["loss"].detach() if isinstance(outputs, dict) else outputs.detach()
-        step = torch.full_like(loss, trainer.global_step)
+        current = torch.full_like(loss, trainer.global_step)
         if self._bad_step is None:
             self._bad_step = torch.full_like(loss, -1)
-        self._bad_step = torch.where(~loss.isfinite() & (self._bad_step < 0), step, self._bad_step)
+        self._bad_step = torch.where(~loss.isfinite() & (self._bad_step < 0), current, self._bad_step)
         if trainer.global_step % trainer.log_every_n_steps == 0:
             self._raise_if_nonfinite(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, *args)

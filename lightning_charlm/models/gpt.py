@@ -19,9 +19,8 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
-    checkpointing: bool = (
-        False  # recompute each block's activations in backward: less memory, ~30% more compute
-    )
+    # Recompute each block's activations in backward: less memory for about a third more compute.
+    checkpointing: bool = False
 
 
 class KVCache:
