@@ -1,13 +1,16 @@
 """Lightning overhead: steady-state training tokens/s of the project's Trainer (GPTLM + CharDataModule, the
-default callbacks and a TensorBoard logger) against a plain PyTorch loop doing the same work: same GPT,
-batch, random windows, AdamW groups, a per-step LambdaLR (warmup only: the same cost per step, not the same
-curve), clipping and precision. Validation is off in both.
+default callbacks and a TensorBoard logger) against the best plain PyTorch loop for the same work: same GPT,
+batch and random windows cut from the training split on the device, fused AdamW on CUDA, clipping,
+precision, and the same compile setting. Validation is off in both. The two sides alternate, `--repeats`
+times each, and the table gives the median and the spread.
 
     python benchmarks/overhead.py                 # CPU: configs/gpt-cpu.yaml's model and batch
     python benchmarks/overhead.py --size gpt      # configs/gpt.yaml's (on CUDA when present)
+    python benchmarks/overhead.py --compile       # both sides compiled (the default on CUDA)
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -22,9 +25,16 @@ from lightning_charlm.data import CharDataModule, RandomWindows
 from lightning_charlm.module import GPTLM
 
 SIZES = {  # (block_size, n_layer, n_head, n_embd, batch_size)
+    "tiny": (32, 2, 2, 32, 16),
     "gpt-cpu": (128, 4, 4, 128, 32),
-    "gpt": (256, 6, 6, 384, 64),
+    "gpt": (256, 6, 6, 384, 128),
 }
+
+
+def sync(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 class StepTimer(L.Callback):
@@ -33,14 +43,10 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, *args):
         if trainer.global_step == self.warmup:
-            if pl_module.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
+            self.start = sync(pl_module.device.type)
 
     def on_train_end(self, trainer, pl_module):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.start
+        self.seconds = sync(pl_module.device.type) - self.start
 
 
 def trainer_rate(dm, model_kwargs, steps, warmup, device, precision) -> float:
@@ -65,24 +71,24 @@ def trainer_rate(dm, model_kwargs, steps, warmup, device, precision) -> float:
 
 def plain_rate(dm, model_kwargs, steps, warmup, device, precision) -> float:
     torch.manual_seed(0)
-    lm = GPTLM(dm.vocab, **model_kwargs).to(device)  # only for its net and optimizer recipe
+    lm = GPTLM(dm.vocab, **model_kwargs).to(device)  # only for its net
     net = lm.net
+    if model_kwargs["compile"]:
+        net.compile_blocks()
     params = list(net.parameters())
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused=device == "cuda")
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused=model_kwargs["fused"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 101))
     train, _ = dm.splits
-    batches = iter(RandomWindows(train, dm.hparams.block_size, dm.hparams.batch_size, seed=0))
+    batches = iter(RandomWindows(train.to(device), dm.hparams.block_size, dm.hparams.batch_size, seed=0))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     for i in range(warmup + steps):
         if i == warmup:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        x, y = (t.to(device, non_blocking=True) for t in next(batches))
+            start = sync(device)
+        x, y = next(batches)
         with autocast:
             logits = net(x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -91,35 +97,61 @@ def plain_rate(dm, model_kwargs, steps, warmup, device, precision) -> float:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return steps * dm.hparams.batch_size * dm.hparams.block_size / (time.perf_counter() - start)
+    return steps * dm.hparams.batch_size * dm.hparams.block_size / (sync(device) - start)
+
+
+def compare(size, steps, warmup, repeats, compile, path=None) -> dict:
+    """Median tokens/s of both sides (alternating) and the Trainer/plain ratio, with each side's range."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = "bf16-mixed" if device == "cuda" else "32-true"
+    block, n_layer, n_head, n_embd, batch = SIZES[size]
+    model_kwargs = dict(
+        block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0, compile=compile
+    )
+    model_kwargs["fused"] = device == "cuda"
+    dm = CharDataModule(path=path, block_size=block, batch_size=batch)
+    runs = {"plain": [], "trainer": []}
+    for _ in range(repeats):
+        runs["plain"].append(plain_rate(dm, model_kwargs, steps, warmup, device, precision))
+        runs["trainer"].append(trainer_rate(dm, model_kwargs, steps, warmup, device, precision))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    tokens = batch * block
+    return {
+        "what": f"{size} ({n_layer}L {n_embd}w block {block}) batch {batch}, {precision}",
+        "compile": compile,
+        "plain_tok_s": med["plain"],
+        "trainer_tok_s": med["trainer"],
+        "plain_ms_step": 1000 * tokens / med["plain"],
+        "trainer_ms_step": 1000 * tokens / med["trainer"],
+        "ratio": med["trainer"] / med["plain"],
+        "spread": {k: (min(v), max(v)) for k, v in runs.items()},
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 100 on CPU, 500 on CUDA)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 100 on CPU, 300 on CUDA)")
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3, help="trials per side, alternating")
+    ap.add_argument("--compile", action="store_true", help="compile the blocks on both sides")
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = args.size or ("gpt" if device == "cuda" else "gpt-cpu")
-    steps = args.steps or (500 if device == "cuda" else 100)
-    precision = "bf16-mixed" if device == "cuda" else "32-true"
-    block, n_layer, n_head, n_embd, batch = SIZES[size]
-    model_kwargs = dict(block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0)
-    dm = CharDataModule(block_size=block, batch_size=batch)
-    plain = plain_rate(dm, model_kwargs, steps, args.warmup, device, precision)
-    lit = trainer_rate(dm, model_kwargs, steps, args.warmup, device, precision)
+    cuda = torch.cuda.is_available()
+    size = args.size or ("gpt" if cuda else "gpt-cpu")
+    steps = args.steps or (300 if cuda else 100)
+    r = compare(size, steps, args.warmup, args.repeats, args.compile)
     print(describe())
     print(
-        f"model {size} ({n_layer} layers, {n_embd} wide, block {block}), batch {batch}, {precision}, "
-        f"{steps} timed steps after {args.warmup}"
+        f"model {r['what']}, compile {r['compile']}, {steps} timed steps after {args.warmup}, x{args.repeats}"
     )
-    print(f"{'loop':>16} {'tokens/s':>10}")
-    print(f"{'plain PyTorch':>16} {plain:>10.0f}")
-    print(f"{'charlm Trainer':>16} {lit:>10.0f}")
-    print(f"Trainer / plain = {lit / plain:.3f}")
+    print(f"{'loop':>16} {'tokens/s (median)':>18} {'ms/step':>8} {'range':>22}")
+    for side in ("plain", "trainer"):
+        lo, hi = r["spread"][side]
+        name = "plain PyTorch" if side == "plain" else "charlm Trainer"
+        print(
+            f"{name:>16} {r[side + '_tok_s']:>18.0f} {r[side + '_ms_step']:>8.2f} {lo:>10.0f} - {hi:<10.0f}"
+        )
+    print(f"Trainer / plain = {r['ratio']:.3f}")
 
 
 if __name__ == "__main__":

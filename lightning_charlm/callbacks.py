@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -10,18 +11,22 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lightning_charlm.errors import CharLMError
+from lightning_charlm.runs import BackgroundCheckpointIO
 
 
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint that never leaves a half-written file and loses at most `last_every_n_steps` steps.
 
     - Nothing is saved once the loss or the weights are non-finite: the run stops with a CharLMError instead.
-    - Every file is written to `NAME.tmp` and renamed over `NAME`, so a kill mid-write keeps the old file.
+    - Files are written by runs.BackgroundCheckpointIO: in a background thread, to `NAME.tmp`, then renamed
+      over `NAME`, so training goes on meanwhile and a kill mid-write keeps the old file.
     - `last.ckpt` is also written every `last_every_n_steps` optimizer steps, not only at validation.
     - SIGTERM and the first Ctrl-C stop the run after the step in progress and write `last.ckpt`; Lightning
       turns SIGTERM into a SIGTERMException at the end of a whole step, and SIGINT is routed the same way.
@@ -48,13 +53,14 @@ class Checkpoint(ModelCheckpoint):
                 "more --model.warmup_steps or 32-bit precision."
             )
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's own is kept
+            trainer.strategy.checkpoint_io = BackgroundCheckpointIO()
+
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         self._raise_if_nonfinite(trainer)
-        tmp = f"{filepath}.tmp"
-        super()._save_checkpoint(trainer, tmp)  # trainer.save_checkpoint ends with a barrier on all ranks
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)  # atomic on POSIX and Windows
-        self._last_checkpoint_saved = filepath
+        super()._save_checkpoint(trainer, filepath)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args: Any
@@ -140,18 +146,34 @@ class StepProgressBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         return "train steps"
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._metrics: dict[str, Any] | None = None
+        self._read_at = 0.0
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
+        # Turning the logged tensors into numbers waits for the GPU to finish, which would stall the
+        # pipeline at every step: read them at most twice a second (and after every validation).
+        now = time.monotonic()
+        if self._metrics is None or now - self._read_at >= 0.5:
+            self._metrics = super().get_metrics(trainer, pl_module)
+            self._metrics.pop("v_num", None)
+            if getattr(pl_module, "last_train_loss", None) is not None:  # logged only now and then
+                self._metrics["train/loss"] = pl_module.last_train_loss.item()
+            self._read_at = now
+        return self._metrics
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._metrics = None
+        super().on_validation_end(trainer, pl_module)
 
 
 class SampleText(L.Callback):
     """Every `every_n_steps` optimizer steps, rank 0 samples `max_new_tokens` characters and logs them.
 
     Sampling uses a private generator seeded from `seed` and the step, so the training RNG is untouched and
-    samples are reproducible; the shared loop switches to eval mode and back. No collective op runs, so the
-    other DDP ranks never wait on rank 0.
+    samples are reproducible; the shared loop switches to eval mode and back. Under DDP no collective op
+    runs, so the other ranks never wait on rank 0; under FSDP all ranks join (see on_train_batch_end).
     """
 
     def __init__(
@@ -171,16 +193,24 @@ class SampleText(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_step or not trainer.is_global_zero:
+        # Under FSDP each rank holds a shard of the weights: every rank gathers them (a collective) and
+        # generates the same text; elsewhere rank 0 alone generates, and the others never wait on it.
+        sharded = isinstance(trainer.model, FullyShardedDataParallel)
+        due = step and step % self.every_n_steps == 0 and step != self._last_step  # not before a step
+        if not due or not (trainer.is_global_zero or sharded):
             return
         self._last_step = step  # with gradient accumulation several batches end on one step
-        text = pl_module.generate(
-            [self.prompt],
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            seed=self.seed + step,
-        )[0]
+        full = FullyShardedDataParallel.summon_full_params if sharded else None
+        with full(trainer.model, writeback=False) if full else contextlib.nullcontext():
+            text = pl_module.generate(
+                [self.prompt],
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                seed=self.seed + step,
+            )[0]
+        if not trainer.is_global_zero:
+            return
         rank_zero_info(f"\n--- sample at step {step} ---\n{self.prompt}{text}\n---")
         if trainer.logger is not None and hasattr(trainer.logger.experiment, "add_text"):
             # Markdown: indent by 4 so TensorBoard keeps newlines and spacing.

@@ -1,8 +1,11 @@
 """Callbacks the tests inject through --trainer.callbacks to interrupt real runs at a known step."""
 
+import json
 import time
+from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class StopAtStep(L.Callback):
@@ -46,3 +49,30 @@ class PoisonAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, *args):
         if trainer.global_step == self.step:
             next(pl_module.parameters()).data.fill_(float("inf"))
+
+
+class RecordDropout(L.Callback):
+    """Saves, at `step`, which inputs the GPT's embedding dropout zeroed on this rank (to `path`.rankN.pt)."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path = step, path
+
+    def on_train_start(self, trainer, pl_module):
+        def hook(module, args, out):
+            if trainer.global_step == self.step:
+                torch.save(out == 0, f"{self.path}.rank{trainer.global_rank}.pt")
+
+        pl_module.net.drop.register_forward_hook(hook)
+
+
+class CountGraphs(L.Callback):
+    """Writes torch.compile's count of compiled graphs after each validation round, as a JSON list."""
+
+    def __init__(self, path: str):
+        self.path, self.counts = path, []
+
+    def on_validation_end(self, trainer, pl_module):
+        from torch._dynamo.utils import counters
+
+        self.counts.append(counters["stats"]["unique_graphs"])
+        Path(self.path).write_text(json.dumps(self.counts))

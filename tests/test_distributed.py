@@ -34,9 +34,17 @@ def val_loss(stdout: str) -> float:
 def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     corpus = make_corpus(tmp)
-    res = run_charlm("fit", *RUN, *DDP, "--data.path", str(corpus), cwd=tmp, env=ENV)
+    masks = callbacks("RecordDropout", step=5, path=str(tmp / "mask"))  # saves only: the run is unchanged
+    res = run_charlm("fit", *RUN, *DDP, "--data.path", str(corpus), *masks, cwd=tmp, env=ENV)
     assert res.returncode == 0, res.stderr
     return tmp, corpus
+
+
+def test_dropout_masks_differ_between_ranks(ddp_run):
+    tmp, _ = ddp_run
+    rank0, rank1 = (torch.load(tmp / f"mask.rank{r}.pt") for r in (0, 1))
+    assert rank0.shape == rank1.shape and 0 < rank0.float().mean() < 0.3  # dropout 0.1 ran on both
+    assert not torch.equal(rank0, rank1)
 
 
 def test_ddp_validate_equals_single_process(ddp_run):
@@ -109,3 +117,33 @@ def test_ddp_predict_writes_one_file_per_rank(ddp_run, tmp_path):
     rank0, rank1 = (f.read_text(encoding="utf-8") for f in files)
     assert rank0.startswith("the") and rank1.startswith("my lord")
     assert len(rank0) == len("the") + len("king") + 2 * (10 + 2) and len(rank1) == len("my lord") + 10 + 2
+
+
+@pytest.mark.parametrize("seed", [[], ["--data.sample_seed", "3"]], ids=["no seed", "seed"])
+def test_ddp_copies_of_one_prompt_differ(ddp_run, tmp_path, seed):
+    tmp, _ = ddp_run
+    best = tmp / "logs/charlm/version_0/checkpoints/best.ckpt"
+    res = run_charlm(
+        "predict",
+        "--ckpt_path",
+        str(best),
+        "--data.prompts",
+        '["the"]',
+        "--data.num_samples",
+        "4",
+        "--data.max_new_tokens",
+        "30",
+        *seed,
+        *DDP,
+        "--writer.output",
+        str(tmp_path / "p.txt"),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    # Each record is the prompt, 30 characters and a blank line; the texts may hold blank lines themselves.
+    size = len("the") + 30
+    files = [f.read_text(encoding="utf-8") for f in sorted(tmp_path.glob("p.rank*.txt"))]
+    assert [len(f) for f in files] == [2 * (size + 2)] * 2
+    texts = [f[i : i + size] for f in files for i in (0, size + 2)]
+    assert all(t.startswith("the") for t in texts)
+    assert len(set(texts)) == 4, texts

@@ -122,6 +122,13 @@ class GPT(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place for training (state_dict keys unchanged). The blocks share one
+        code path, so the first block's compiled graph serves them all: compile time is about one block's,
+        not the net's. Shapes are static (training batches all have one shape)."""
+        for block in self.blocks:
+            block.compile(dynamic=False)
+
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -130,11 +137,16 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            if self.cfg.checkpointing and self.training and cache is None:
+            if cache is not None or not self.training:
+                # Evaluation and decoding call the eager forward even when the block is compiled: they run
+                # rarely, in other shapes (and the cache position changes at every token), so compiling
+                # them would cost more start-up time than it saves.
+                x = block.forward(x, cache, i)
+            elif self.cfg.checkpointing:
                 # The RNG state is replayed when recomputing, so dropout masks and gradients are unchanged.
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, cache, i)
+                x = block(x)
         if cache is not None:
             cache.pos += T
         return self.head(self.ln_f(x))  # (B, T, V)

@@ -1,0 +1,147 @@
+"""What a CUDA run takes, forced on the CPU: fused AdamW, bf16-mixed and 16-mixed, clipping, compile, and the
+training split on the run's device. A crash on one of these branches must fail here, not on a user's GPU."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_charlm import GPTLM, CharDataModule
+from lightning_charlm.models import GPT, GPTConfig
+from tests.conftest import run_charlm
+from tests.test_cli import TINY, scalars
+from tests.test_resume import ENV, callbacks
+
+
+def test_cuda_settings_train_through_charlm(tmp_path, corpus):
+    """fused AdamW + bf16-mixed + clipping + compile, the combination `charlm fit` takes on a CUDA GPU."""
+    graphs = tmp_path / "graphs.json"
+    res = run_charlm(
+        "fit",
+        *TINY,
+        "--data.path",
+        str(corpus),
+        "--trainer.precision",
+        "bf16-mixed",
+        "--model.fused",
+        "true",
+        "--model.compile",
+        "true",
+        "--trainer.gradient_clip_val",
+        "0.5",
+        "--trainer.max_steps",
+        "40",
+        "--trainer.log_every_n_steps",
+        "5",
+        "--trainer.val_check_interval",
+        "10",
+        "--sample.every_n_steps",
+        "15",
+        "--sample.max_new_tokens",
+        "20",
+        *callbacks("CountGraphs", path=str(graphs)),
+        cwd=tmp_path,
+        env=ENV,
+    )
+    assert res.returncode == 0, res.stderr
+    ea = scalars(tmp_path / "logs/charlm/version_0")
+    norms = [e.value for e in ea.Scalars("train/grad_norm")]
+    assert norms and all(n > 0 for n in norms)
+    val = [e.value for e in ea.Scalars("val/loss")]
+    assert len(val) == 4 and val[-1] < val[0]
+    # Compiled graphs after the sanity check and each of the 4 rounds: the first round may add graphs (its
+    # short last batch), later rounds, training between them and sampling must not.
+    counts = json.loads(graphs.read_text())
+    assert len(counts) == 5 and counts[1] > 0
+    assert counts[1:] == [counts[1]] * 4, counts
+
+
+def total_norm(model: torch.nn.Module) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+
+
+class NormAtStep(L.Callback):
+    """Records the gradient norm the optimizer stepped with (after unscaling and clipping). Lightning runs
+    the backward pass inside optimizer.step, so it is read after the step, before the next zero_grad."""
+
+    def __init__(self):
+        self.norms: list[float] = []
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):
+        if trainer.global_step > 0:  # zero_grad also runs once before the first backward
+            self.norms.append(total_norm(pl_module))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_clipping_with_every_optimizer_and_precision(precision, fused, corpus, tmp_path):
+    dm = CharDataModule(path=str(corpus), block_size=16, batch_size=8)
+    model = GPTLM(
+        dm.vocab,
+        block_size=16,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        dropout=0.0,
+        lr=1.0,
+        warmup_steps=0,
+        fused=fused,
+    )
+    recorder = NormAtStep()
+    # Lightning turns "16-mixed" into bf16 on a CPU; the plugin, as a CUDA run builds it, keeps fp16 and
+    # its gradient scaler, so the unscale-then-clip branch runs here too.
+    scaled = (
+        MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))
+        if precision == "16-mixed"
+        else None
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision=None if scaled else precision,
+        plugins=[scaled] if scaled else None,
+        max_steps=4,
+        log_every_n_steps=1,
+        gradient_clip_val=0.05,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert isinstance(trainer.optimizers[0], torch.optim.AdamW)
+    assert (getattr(trainer.precision_plugin, "scaler", None) is not None) == (precision == "16-mixed")
+    assert trainer.optimizers[0].defaults["fused"] is fused
+    # Huge steps (lr 1.0) give large gradients; every step the optimizer took saw them clipped to 0.05.
+    assert len(recorder.norms) >= 2
+    assert all(abs(n - 0.05) < 1e-4 for n in recorder.norms), recorder.norms
+    assert trainer.callback_metrics["train/grad_norm"] > 0.05  # logged before clipping
+
+
+def test_compiled_and_eager_training_agree():
+    def losses(compiled: bool) -> list[float]:
+        torch.manual_seed(0)
+        net = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+        if compiled:
+            net.compile_blocks()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        data = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(5):
+            idx = torch.randint(11, (4, 17), generator=data)
+            loss = F.cross_entropy(net(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        assert list(net.state_dict()) == list(GPT(net.cfg).state_dict())  # compiled in place: same keys
+        return out
+
+    eager, compiled = losses(False), losses(True)
+    assert eager[-1] < eager[0]
+    assert compiled == pytest.approx(eager, abs=1e-4)
