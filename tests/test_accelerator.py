@@ -145,3 +145,49 @@ def test_compiled_and_eager_training_agree():
     eager, compiled = losses(False), losses(True)
     assert eager[-1] < eager[0]
     assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+def _fsdp_clip(rank: int, port: int, results) -> None:
+    """One rank of a 2-process gloo group: clip an FSDP-sharded GPT with the module's clipping function."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lightning_charlm.module import clip_grad_norm
+
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    reference = GPT(net.cfg)
+    reference.load_state_dict(net.state_dict())
+    sharded = FullyShardedDataParallel(net, device_id=torch.device("cpu"), use_orig_params=True)
+    idx = torch.randint(11, (2, 4, 17), generator=torch.Generator().manual_seed(1))  # one batch per rank
+    F.cross_entropy(sharded(idx[rank, :, :-1]).flatten(0, 1), idx[rank, :, 1:].flatten()).backward()
+    for r in range(2):  # unsharded: the mean over both ranks' batches, as FSDP averages gradients
+        (F.cross_entropy(reference(idx[r, :, :-1]).flatten(0, 1), idx[r, :, 1:].flatten()) / 2).backward()
+    before = clip_grad_norm(sharded, 0.01)
+    local = [p.grad.flatten() for p in sharded.parameters() if p.grad is not None]
+    after = torch.cat(local).square().sum()
+    dist.all_reduce(after)  # the squared norm of all shards together
+    full = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+    results[rank] = (before.item(), full.item(), after.sqrt().item())
+    dist.destroy_process_group()
+
+
+def test_clipping_under_fsdp_uses_the_global_norm():
+    """Lightning refuses FSDP on a CPU, so the clipping function is run below it, on 2 gloo processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_fsdp_clip, args=(port, results), nprocs=2)
+    for rank in (0, 1):
+        before, full, after = results[rank]
+        assert before == pytest.approx(full, rel=1e-4)  # every rank saw the norm of the whole gradient
+        assert after == pytest.approx(0.01, rel=1e-3)
