@@ -58,6 +58,25 @@ class Checkpoint(ModelCheckpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's own is kept
             trainer.strategy.checkpoint_io = BackgroundCheckpointIO()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores the best score only when the saved dirpath string equals the current one. From
+        # another working directory, or with an absolute save_dir, the strings differ, the score is dropped,
+        # and the next validation would replace best.ckpt whatever its loss. A resumed run writes into the
+        # folder its checkpoint came from (runs.continue_run), so its state is this folder's: restore it
+        # all, with the stored file paths moved into this folder (Lightning deletes superseded top-k files
+        # by those paths, so they must name files here).
+        saved, here = state_dict.get("dirpath"), self.dirpath
+        if saved is not None and here is not None and saved != here:
+
+            def moved(path: str | None) -> str | None:
+                return os.path.join(here, os.path.basename(path)) if path else path
+
+            state_dict = dict(state_dict, dirpath=here)
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                state_dict[key] = moved(state_dict.get(key))
+            state_dict["best_k_models"] = {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()}
+        super().load_state_dict(state_dict)
+
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         self._raise_if_nonfinite(trainer)
         super()._save_checkpoint(trainer, filepath)

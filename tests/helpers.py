@@ -76,3 +76,18 @@ class CountGraphs(L.Callback):
 
         self.counts.append(counters["stats"]["unique_graphs"])
         Path(self.path).write_text(json.dumps(self.counts))
+
+
+class ScrambleAtStep(L.Callback):
+    """Adds large noise to every weight once `step` steps are done: the model gets much worse but stays
+    finite, as a bad learning rate would make it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.add_(torch.randn(p.shape, generator=generator) * 2)

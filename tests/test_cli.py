@@ -1,6 +1,5 @@
 """End to end through the installed `charlm` console script, in a subprocess, on a temporary directory."""
 
-import glob
 from pathlib import Path
 
 import torch
@@ -37,9 +36,8 @@ TINY = [
 
 
 def scalars(run: Path) -> EventAccumulator:
-    ea = EventAccumulator(
-        glob.glob(str(run / "events.out.tfevents.*"))[0], size_guidance={"scalars": 0, "tensors": 0}
-    )
+    """Every event file of a run folder (a resumed run adds one), as TensorBoard reads them."""
+    ea = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
     return ea
 

@@ -1,0 +1,37 @@
+"""Nothing lost: best.ckpt only improves, outputs never replace files by accident, one process per run folder,
+resumes say what they take, and disk or signal trouble leaves earlier files intact with one clear message."""
+
+import pytest
+
+from tests.conftest import run_charlm
+from tests.test_cli import TINY, scalars
+from tests.test_resume import ENV, callbacks
+
+STEPS = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "10", "--sample.every_n_steps", "1000"]
+
+
+@pytest.mark.parametrize("case", ["from another working directory", "with an absolute save_dir"])
+def test_resume_never_replaces_a_better_best(case, tmp_path, corpus):
+    """A worse model (weights scrambled right after the resume) must not replace best.ckpt. Lightning alone
+    forgets the best score in both cases, since the checkpoint folder's path string differs."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    save_dir = str(home / "logs") if case == "with an absolute save_dir" else "logs"
+    args = ["fit", *TINY, "--data.path", str(corpus), *STEPS, "--trainer.logger.init_args.save_dir", save_dir]
+    first = run_charlm(*args, *callbacks("StopAtStep", step=20), cwd=home, env=ENV)
+    assert first.returncode == 0, first.stderr
+    root = home / "logs/charlm/version_0"
+    best = root / "checkpoints/best.ckpt"
+    kept = best.read_bytes()
+    if case == "with an absolute save_dir":
+        resume, cwd = "last", home
+    else:
+        resume, cwd = str(root / "checkpoints/last.ckpt"), elsewhere
+    second = run_charlm(*args, "--ckpt_path", resume, *callbacks("ScrambleAtStep", step=21), cwd=cwd, env=ENV)
+    assert second.returncode == 0, second.stderr
+    assert not (elsewhere / "logs").exists()  # it went on in its own run folder
+    val = {e.step + 1: e.value for e in scalars(root).Scalars("val/loss")}
+    assert min(val[30], val[40]) > min(val[10], val[20]), val  # the scrambled model is worse
+    assert best.read_bytes() == kept
+    assert "dirpath has changed" not in second.stderr
