@@ -74,7 +74,9 @@ class Checkpoint(ModelCheckpoint):
             state_dict = dict(state_dict, dirpath=here)
             for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
                 state_dict[key] = moved(state_dict.get(key))
-            state_dict["best_k_models"] = {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()}
+            state_dict["best_k_models"] = {
+                moved(k): v for k, v in state_dict.get("best_k_models", {}).items()
+            }
         super().load_state_dict(state_dict)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
@@ -238,15 +240,37 @@ class SampleText(L.Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes each prompt and its continuation to stdout and to `output` (one file per rank).
+    """Prints each prompt and its continuation, and with `output` also writes them to that file (one per
+    rank: `NAME.rank1.txt`, ...).
 
-    The file is written as `output.tmp` and renamed when prediction ends, so a failed run (a bad prompt, say)
-    leaves an earlier `output` as it was.
+    An existing file is replaced only with `overwrite` (a mistyped `--writer.output best.ckpt` must not cost
+    a checkpoint); that, and whether the file can be written, are checked before anything is generated. The
+    file is written as `output.tmp` and renamed when prediction ends, so a failed run (a bad prompt, say)
+    leaves an earlier file as it was.
     """
 
-    def __init__(self, output: str = "predictions.txt"):
+    def __init__(self, output: str | None = None, overwrite: bool = False):
         super().__init__(write_interval="batch")
-        self.output = output
+        if output is not None and not output.strip():
+            raise CharLMError("--writer.output is empty: name a file, or leave it out to print only")
+        self.output, self.overwrite = output, overwrite
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict" or self.output is None:
+            return
+        path = self.path(trainer)
+        if path.is_dir():
+            raise CharLMError(f"--writer.output {path} is a directory: name a file")
+        if path.exists() and not self.overwrite:
+            raise CharLMError(
+                f"--writer.output {path} already exists: pass --writer.overwrite true to replace it, or name "
+                "another file"
+            )
+        try:  # fail now, not after generating: a missing parent is made, a file in the way is an error
+            self._tmp(trainer).parent.mkdir(parents=True, exist_ok=True)
+            self._tmp(trainer).write_text("", encoding="utf-8")
+        except OSError as err:
+            raise CharLMError(f"cannot write --writer.output {path}: {err.strerror or err}") from None
 
     def path(self, trainer: L.Trainer) -> Path:
         p = Path(self.output)
@@ -255,24 +279,22 @@ class PredictionWriter(BasePredictionWriter):
     def _tmp(self, trainer: L.Trainer) -> Path:
         return self.path(trainer).with_name(self.path(trainer).name + ".tmp")
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._tmp(trainer).parent.mkdir(parents=True, exist_ok=True)
-        self._tmp(trainer).write_text("", encoding="utf-8")
-
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
-        with self._tmp(trainer).open("a", encoding="utf-8") as f:
-            for prompt, text in prediction:
-                record = f"{prompt}{text}\n"
-                print(record, flush=True)
-                f.write(record + "\n")
+        records = [f"{prompt}{text}\n" for prompt, text in prediction]
+        for record in records:
+            print(record, flush=True)
+        if self.output is not None:
+            with self._tmp(trainer).open("a", encoding="utf-8") as f:
+                f.writelines(record + "\n" for record in records)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        os.replace(self._tmp(trainer), self.path(trainer))
+        if self.output is not None:
+            os.replace(self._tmp(trainer), self.path(trainer))
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if trainer.predicting:
+        if trainer.predicting and self.output is not None:
             self._tmp(trainer).unlink(missing_ok=True)

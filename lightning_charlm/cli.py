@@ -123,6 +123,12 @@ class CharLMCLI(LightningCLI):
                     "or choose another with --trainer.logger.init_args.save_dir"
                 ) from None
 
+    def before_predict(self) -> None:
+        # Every prompt is checked before any is generated: a bad one in a later batch would otherwise fail
+        # after minutes of work, and the earlier continuations would be lost with it.
+        for prompt in self.datamodule.prompt_list():
+            self.model.tokenizer.encode(prompt)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
         self.ckpt_vocab = cfg.model.init_args.get("vocab")  # only present when read from a checkpoint

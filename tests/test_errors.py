@@ -27,6 +27,7 @@ def work(tmp_path_factory) -> Path:
     (tmp / "short.txt").write_text("To be, or not to be.\n" * 3)
     (tmp / "latin1.txt").write_bytes(b"caf" + b"\xe9 au lait\n" * 50)
     (tmp / "notes.txt").write_text("not a checkpoint\n")
+    (tmp / "kept.txt").write_text("an earlier prediction\n")
     (tmp / "other.txt").write_text("Ünïcödé ✓ 世界 🙂\n" * 400)
     (tmp / "blocked").write_text("a file where the logs folder should be\n")
     return tmp
@@ -38,7 +39,8 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 BEST = "logs/charlm/version_0/checkpoints/best.ckpt"
 FIT = ["fit", *TINY, *SHORT, "--data.path", "corpus.txt"]
-PREDICT = ["predict", "--ckpt_path", BEST, "--trainer.logger", "false", "--writer.output", "out.txt"]
+PRED = ["predict", "--ckpt_path", BEST, "--trainer.logger", "false", "--data.max_new_tokens", "5"]
+PREDICT = [*PRED, "--writer.output", "out.txt"]
 CASES = {
     "corpus missing": (["fit", *TINY, "--data.path", "nope.txt"], r"corpus file not found: nope\.txt"),
     "corpus is a directory": (["fit", *TINY, "--data.path", "logs"], r"is a directory"),
@@ -88,6 +90,25 @@ CASES = {
     "other vocabulary": (
         ["validate", *TINY, "--data.path", "other.txt", "--ckpt_path", BEST],
         r"checkpoint's vocabulary .* differs from the corpus's",
+    ),
+    "output is a checkpoint": ([*PRED, "--writer.output", BEST], r"already exists: pass --writer\.overwrite"),
+    "output is a directory": ([*PRED, "--writer.output", "logs"], r"--writer\.output logs is a directory"),
+    "output inside a file": (
+        [*PRED, "--writer.output", "notes.txt/out.txt"],
+        r"cannot write --writer\.output",
+    ),
+    "output empty": ([*PRED, "--writer.output", " "], r"--writer\.output is empty"),
+    "failed predict keeps the earlier output": (
+        [
+            *PRED,
+            "--writer.output",
+            "kept.txt",
+            "--writer.overwrite",
+            "true",
+            "--data.prompts",
+            '["my", "my!"]',
+        ],
+        r"'!' at position 1",
     ),
     "logs folder not writable": (
         [*FIT, "--trainer.logger.init_args.save_dir", "blocked"],

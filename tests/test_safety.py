@@ -3,6 +3,7 @@ resumes say what they take, and disk or signal trouble leaves earlier files inta
 
 import pytest
 
+from lightning_charlm.cli import main
 from tests.conftest import run_charlm
 from tests.test_cli import TINY, scalars
 from tests.test_resume import ENV, callbacks
@@ -35,3 +36,16 @@ def test_resume_never_replaces_a_better_best(case, tmp_path, corpus):
     assert min(val[30], val[40]) > min(val[10], val[20]), val  # the scrambled model is worse
     assert best.read_bytes() == kept
     assert "dirpath has changed" not in second.stderr
+
+
+def test_predict_checks_every_prompt_before_generating(tmp_path, corpus, monkeypatch, capsys):
+    fit = run_charlm("fit", *TINY, "--data.path", str(corpus), *STEPS, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    monkeypatch.chdir(tmp_path)
+    best = "logs/charlm/version_0/checkpoints/best.ckpt"
+    args = ["predict", "--ckpt_path", best, "--data.batch_size", "1", "--data.prompts", '["the", "the?"]']
+    with pytest.raises(SystemExit) as exit:
+        main([*args, "--writer.output", "p.txt"])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and "'?' at position 3" in err
+    assert "the" not in out and not list(tmp_path.glob("p.txt*"))  # nothing generated, no file left
