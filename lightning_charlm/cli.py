@@ -22,7 +22,15 @@ from lightning_charlm.callbacks import (
 from lightning_charlm.data import CharDataModule
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.module import CharLM
-from lightning_charlm.runs import check_checkpoint, continue_run, model_named, newest_last_checkpoint
+from lightning_charlm.runs import (
+    RUNTIME_OPTIONS,
+    RunFolder,
+    check_checkpoint,
+    continue_run,
+    model_named,
+    newest_last_checkpoint,
+    resume_conflicts,
+)
 
 
 def default_precision() -> str:
@@ -88,17 +96,34 @@ class CharLMCLI(LightningCLI):
             cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger))
         if not cfg.ckpt_path:
             return
-        check_checkpoint(cfg.ckpt_path)
+        step = check_checkpoint(cfg.ckpt_path).get("global_step", 0)
         if self.config.subcommand == "fit":
+            if 0 <= cfg.trainer.max_steps <= step:
+                raise CharLMError(
+                    f"{cfg.ckpt_path} is at step {step} already: --trainer.max_steps {cfg.trainer.max_steps} "
+                    "would train nothing; give a larger --trainer.max_steps to go on"
+                )
             continue_run(cfg.trainer.logger, Path(cfg.ckpt_path))
         asked = cfg.model.class_path if model_named(self._args) else None
+        asked_args = dict(cfg.model.get("init_args") or {})
         super()._parse_ckpt_path()  # replaces the model config with the checkpoint's
-        held = self.config[self.config.subcommand].model.class_path
-        if asked and held != asked:
+        model = self.config[self.config.subcommand].model
+        if asked and model.class_path != asked:
             raise CharLMError(
-                f"{cfg.ckpt_path} holds a {held.rsplit('.', 1)[-1]} but the config asks for a "
+                f"{cfg.ckpt_path} holds a {model.class_path.rsplit('.', 1)[-1]} but the config asks for a "
                 f"{asked.rsplit('.', 1)[-1]}: use the config it was trained with, or leave the model out"
             )
+        if asked and self.config.subcommand == "fit":  # validate and predict only read the model
+            conflicts = resume_conflicts(model.class_path, asked_args, model.init_args)
+            if conflicts:
+                raise CharLMError(
+                    f"{cfg.ckpt_path} holds a model with other options than this command asks for: "
+                    f"{'; '.join(conflicts)}. The checkpoint's options are the ones it can use: drop these "
+                    "options (or use the config it was trained with), or start a new run without --ckpt_path"
+                )
+            for key in RUNTIME_OPTIONS:  # how to run it: the command line's choice stands
+                if key in asked_args:
+                    model.init_args[key] = asked_args[key]
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         self._args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
@@ -110,18 +135,31 @@ class CharLMCLI(LightningCLI):
             callbacks = [*callbacks, StepProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        self.run_folder: RunFolder | None = None
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:  # refused, crashed or interrupted (Ctrl-C at start-up is a SystemExit)
+            if self.run_folder is not None:
+                self.run_folder.discard_if_empty()
+            raise
+
     def before_fit(self) -> None:
-        # Fail before any training if the run folder cannot be written (a file in the way, permissions).
+        # Everything that can refuse the run is checked before anything is written to its folder.
+        self.model.check_data(self.datamodule)
         log_dir = self.trainer.log_dir
         if log_dir is not None and self.trainer.is_global_zero:
             try:
-                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                self.run_folder = RunFolder(Path(log_dir))
                 tempfile.TemporaryFile(dir=log_dir).close()
             except OSError as err:
                 raise CharLMError(
                     f"cannot write the run folder {log_dir} ({err.strerror}); make the logs folder writable "
                     "or choose another with --trainer.logger.init_args.save_dir"
                 ) from None
+
+    def before_validate(self) -> None:
+        self.model.check_data(self.datamodule)
 
     def before_predict(self) -> None:
         # Every prompt is checked before any is generated: a bad one in a later batch would otherwise fail

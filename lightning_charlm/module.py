@@ -65,6 +65,9 @@ class CharLM(L.LightningModule):
     def build_net(self, vocab_size: int) -> nn.Module:
         raise NotImplementedError
 
+    def check_data(self, dm) -> None:
+        """Raise a CharLMError if the datamodule's windows do not suit this model (the GPT's context)."""
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
 
@@ -288,12 +291,11 @@ class GPTLM(CharLM):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = self.trainer.datamodule
-        if (
-            dm is not None
-            and stage in ("fit", "validate")
-            and dm.hparams.block_size > self.hparams.block_size
-        ):
+        if stage in ("fit", "validate"):
+            self.check_data(self.trainer.datamodule)
+
+    def check_data(self, dm) -> None:
+        if dm is not None and dm.hparams.block_size > self.hparams.block_size:
             raise CharLMError(
                 f"data.block_size ({dm.hparams.block_size}) is longer than the model's context "
                 f"model.block_size ({self.hparams.block_size}); set them equal"

@@ -3,26 +3,35 @@ folder, checking a checkpoint file safely before Lightning touches it, and writi
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import pickle
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, the run folder is not guarded
+    fcntl = None
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_charlm.errors import CharLMError
 
 
-def check_checkpoint(path: str) -> None:
-    """Load `path` the safe way (tensors and primitives only) or raise a CharLMError that names it."""
+def check_checkpoint(path: str) -> dict[str, Any]:
+    """Load `path` the safe way (tensors and primitives only, memory-mapped) or raise a CharLMError that
+    names it."""
     if not Path(path).is_file():
         raise CharLMError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         if "global" not in str(err).lower():  # not a pickle at all, rather than a pickle that calls code
             raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
@@ -34,6 +43,27 @@ def check_checkpoint(path: str) -> None:
         raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CharLMError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+# How to run, not what the model is: on resume the command line wins over the checkpoint.
+RUNTIME_OPTIONS = ("compile", "fused")
+
+
+def resume_conflicts(class_path: str, asked: dict[str, Any], held: dict[str, Any]) -> list[str]:
+    """The model options the command sets (away from the class default) that differ from the checkpoint's:
+    Lightning would silently train or evaluate the checkpoint's values instead."""
+    module, name = class_path.rsplit(".", 1)
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (YAML lists vs saved tuples)
+    return [
+        f"--model.{key} {plain(value)} (the checkpoint has {plain(held.get(key))})"
+        for key, value in asked.items()
+        if key in params
+        and key not in ("vocab", *RUNTIME_OPTIONS)
+        and plain(value) != plain(params[key].default)
+        and plain(value) != plain(held.get(key))
+    ]
 
 
 def model_named(args: list[str]) -> bool:
@@ -75,6 +105,37 @@ def newest_last_checkpoint(logger) -> Path:
             "Start a new run by leaving out --ckpt_path, or pass the checkpoint's path."
         )
     return found[-1][1]
+
+
+class RunFolder:
+    """The run folder a `fit` writes, held for the process's lifetime with an advisory lock (released by
+    the OS when the process ends or dies), so a second process cannot write the same folder. A folder this
+    run created is removed again if the run fails before it holds a checkpoint: a refused or interrupted
+    start leaves nothing behind."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.fresh = folder, not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock = open(folder / ".lock", "a+")  # noqa: SIM115  (held until the process ends)
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            raise CharLMError(
+                f"the run folder {folder} is in use by another charlm process (PID {holder}); wait for it "
+                "to end or stop it, then resume with --ckpt_path last"
+            ) from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
+
+    def discard_if_empty(self) -> None:
+        if self.fresh and not any(self.folder.rglob("*.ckpt")):
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def continue_run(logger, ckpt: Path) -> None:

@@ -1,6 +1,8 @@
 """Callbacks the tests inject through --trainer.callbacks to interrupt real runs at a known step."""
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -91,3 +93,11 @@ class ScrambleAtStep(L.Callback):
             with torch.no_grad():
                 for p in pl_module.parameters():
                     p.add_(torch.randn(p.shape, generator=generator) * 2)
+
+
+class InterruptAtSanityCheck(L.Callback):
+    """Presses Ctrl-C (SIGINT to this process) during the start-up validation."""
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the KeyboardInterrupt arrives here

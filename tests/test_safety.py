@@ -1,11 +1,20 @@
 """Nothing lost: best.ckpt only improves, outputs never replace files by accident, one process per run folder,
 resumes say what they take, and disk or signal trouble leaves earlier files intact with one clear message."""
 
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
 import pytest
+import torch
 
 from lightning_charlm.cli import main
-from tests.conftest import run_charlm
+from tests.conftest import CHARLM, make_corpus, run_charlm
 from tests.test_cli import TINY, scalars
+from tests.test_errors import snapshot
 from tests.test_resume import ENV, callbacks
 
 STEPS = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "10", "--sample.every_n_steps", "1000"]
@@ -49,3 +58,73 @@ def test_predict_checks_every_prompt_before_generating(tmp_path, corpus, monkeyp
     out, err = capsys.readouterr()
     assert exit.value.code == 2 and "'?' at position 3" in err
     assert "the" not in out and not list(tmp_path.glob("p.txt*"))  # nothing generated, no file left
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped at step 20 of 40: something to resume."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    corpus = make_corpus(tmp)
+    res = run_charlm(
+        "fit", *TINY, "--data.path", str(corpus), *STEPS, *callbacks("StopAtStep", step=20), cwd=tmp, env=ENV
+    )
+    assert res.returncode == 0, res.stderr
+    return tmp
+
+
+RESUME_CASES = {
+    "changed model options": (
+        ["--model.n_layer", "3", "--model.lr", "0.01"],
+        r"--model\.n_layer 3 \(the checkpoint has 2\); --model\.lr 0\.01 \(the checkpoint has 0\.001\)",
+    ),
+    "max_steps not above the step": (["--trainer.max_steps", "20"], r"is at step 20 already"),
+    "data longer than the model": (["--data.block_size", "64"], r"longer than the model's context"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=list(RESUME_CASES))
+def test_refused_resume_writes_nothing(case, stopped_run, monkeypatch, capsys):
+    extra, message = RESUME_CASES[case]
+    before = snapshot(stopped_run)
+    monkeypatch.chdir(stopped_run)
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", *TINY, "--data.path", "corpus.txt", *STEPS, "--ckpt_path", "last", *extra])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and re.search(message, err), err[-2000:]
+    assert snapshot(stopped_run) == before  # no new file, none changed: config.yaml and events included
+
+
+def test_refused_or_interrupted_fresh_run_leaves_no_folder(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", *TINY, "--data.path", str(corpus), "--data.block_size", "64"])
+    assert "longer than the model's context" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+    # Ctrl-C during the start-up validation: Lightning stops, and the new run folder holds no checkpoint.
+    res = run_charlm(
+        "fit", *TINY, "--data.path", str(corpus), *callbacks("InterruptAtSanityCheck"), cwd=tmp_path, env=ENV
+    )
+    assert res.returncode != 0
+    assert not list((tmp_path / "logs").glob("charlm/version_*")), res.stderr[-2000:]
+
+
+def test_a_second_process_cannot_write_a_run_folder_in_use(stopped_run, tmp_path):
+    run = shutil.copytree(stopped_run, tmp_path / "run")
+    args = ["fit", *TINY, "--data.path", "corpus.txt", *STEPS, "--ckpt_path", "last"]
+    slow = callbacks("SlowSteps", seconds=2)  # 20 steps to go: it holds the folder for 40 s
+    first = subprocess.Popen(
+        [CHARLM, *args, *slow], cwd=run, env=os.environ | ENV, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        lock = run / "logs/charlm/version_0/.lock"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            time.sleep(0.2)
+        second = run_charlm(*args, cwd=run, env=ENV)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"in use by another charlm process (PID {first.pid})" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    last = torch.load(run / "logs/charlm/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] > 20  # the first process went on undisturbed and saved on SIGTERM
