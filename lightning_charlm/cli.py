@@ -237,6 +237,9 @@ def main(args: list[str] | None = None) -> None:
     except SIGTERMException:
         print("charlm: stopped by a signal; continue with --ckpt_path last", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C: a checkpoint being written is still finished on exit
+        print("charlm: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

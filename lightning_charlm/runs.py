@@ -193,8 +193,15 @@ def _write(checkpoint: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.save(checkpoint, tmp)
+        with open(tmp, "wb") as f:  # a Python file, so a full disk is an OSError (ENOSPC), not torch's own
+            torch.save(checkpoint, f)
         os.replace(tmp, path)  # atomic on POSIX and Windows
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CharLMError(
+            f"cannot write the checkpoint {path} ({err.strerror or err}); the checkpoints written before are "
+            "kept. Free some space (or make the folder writable) and resume with --ckpt_path last"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -128,3 +128,46 @@ def test_a_second_process_cannot_write_a_run_folder_in_use(stopped_run, tmp_path
         first.communicate(timeout=120)
     last = torch.load(run / "logs/charlm/version_0/checkpoints/last.ckpt", weights_only=True)
     assert last["global_step"] > 20  # the first process went on undisturbed and saved on SIGTERM
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to fill a disk")
+def test_a_full_disk_is_one_clear_error_and_keeps_the_checkpoints(stopped_run, tmp_path):
+    run = shutil.copytree(stopped_run, tmp_path / "run")
+    ckpts = run / "logs/charlm/version_0/checkpoints"
+    before = {name: (ckpts / name).read_bytes() for name in ("best.ckpt", "last.ckpt")}
+    for name in before:  # every checkpoint write: ENOSPC
+        (ckpts / f"{name}.tmp").symlink_to("/dev/full")
+    res = run_charlm(
+        "fit", *TINY, "--data.path", "corpus.txt", *STEPS, "--ckpt_path", "last", cwd=run, env=ENV
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert re.search(r"cannot write the checkpoint .*\.ckpt \(No space left on device\)", res.stderr)
+    assert {name: (ckpts / name).read_bytes() for name in before} == before
+    assert not list(ckpts.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.4])
+def test_ctrl_c_twice_leaves_a_valid_last_checkpoint(delay, stopped_run, tmp_path):
+    run = shutil.copytree(stopped_run, tmp_path / "run")
+    args = ["fit", *TINY, "--data.path", "corpus.txt", *STEPS, "--ckpt_path", "last"]
+    proc = subprocess.Popen(
+        [CHARLM, *args, *callbacks("SlowSteps", seconds=0.3)],
+        cwd=run,
+        env=os.environ | ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = run / "logs/charlm/version_0/.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.exists() and lock.read_text().strip() == str(proc.pid)):
+        time.sleep(0.1)
+    time.sleep(2)  # training
+    proc.send_signal(signal.SIGINT)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    ckpts = run / "logs/charlm/version_0/checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] >= 20
+    assert not list(ckpts.glob("*.tmp"))
