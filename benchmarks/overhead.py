@@ -17,7 +17,6 @@ import time
 import lightning as L
 import torch
 from _env import describe
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_charlm.callbacks import TokensPerSecond
@@ -63,7 +62,7 @@ def trainer_rate(dm, model_kwargs, steps, warmup, device, precision) -> float:
             enable_model_summary=False,
             enable_checkpointing=False,
             logger=TensorBoardLogger(tmp),
-            callbacks=[LearningRateMonitor("step"), TokensPerSecond(), timer],
+            callbacks=[TokensPerSecond(), timer],
         )
         trainer.fit(GPTLM(dm.vocab, **model_kwargs), datamodule=dm)
     return steps * dm.hparams.batch_size * dm.hparams.block_size / timer.seconds

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.runs import BackgroundCheckpointIO
+from lightning_charlm.sampling import MAX_NEW_TOKENS, check_settings
 
 
 class Checkpoint(ModelCheckpoint):
@@ -206,8 +207,12 @@ class SampleText(L.Callback):
         prompt: str = "",
         seed: int = 0,
     ):
-        if every_n_steps < 1 or max_new_tokens < 1:
-            raise ValueError("sample.every_n_steps and sample.max_new_tokens must be >= 1")
+        if every_n_steps < 1 or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise CharLMError(
+                "sample.every_n_steps must be >= 1 and sample.max_new_tokens between 1 and "
+                f"{MAX_NEW_TOKENS:,}"
+            )
+        check_settings(temperature, top_k, None)
         self.every_n_steps, self.max_new_tokens = every_n_steps, max_new_tokens
         self.temperature, self.top_k, self.prompt, self.seed = temperature, top_k, prompt, seed
         self._last_step = -1

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lightning_charlm.callbacks import (
     Checkpoint,
@@ -21,7 +25,7 @@ from lightning_charlm.callbacks import (
 )
 from lightning_charlm.data import CharDataModule
 from lightning_charlm.errors import CharLMError
-from lightning_charlm.module import CharLM
+from lightning_charlm.module import GPTLM, CharLM
 from lightning_charlm.runs import (
     RUNTIME_OPTIONS,
     RunFolder,
@@ -38,10 +42,35 @@ def default_precision() -> str:
 
 
 class CharLMParser(LightningArgumentParser):
-    def print_usage(self, file=None) -> None:
-        # On a bad option the full usage (about 100 lines) would bury the one line that says what is wrong;
-        # the tip printed after this points to --help for the whole list.
-        print(f"usage: {self.prog.replace(' [options]', '')} [options]", file=file)
+    def error(self, message: str, ex: Exception | None = None):
+        """A bad option: one `charlm: error:` line naming it (with a guess for a misspelt one), then where
+        to find them all; not jsonargparse's usage and nested union report."""
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        print(f"charlm: error: {_one_line(str(message), parser)}", file=sys.stderr)
+        print(f"every option: {prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(message: str, parser: LightningArgumentParser) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    # jsonargparse nests the reason under 'Parser key "group":' headers: keep the outer and inner key.
+    keys = [re.match(r'Parser key "(.+)":', line).group(1) for line in lines if line.startswith("Parser key")]
+    key = "--" + ".".join(dict.fromkeys([keys[0], keys[-1]])) if keys else None
+    unknown = re.match(r"unrecognized arguments: (\S+)", lines[0], re.IGNORECASE)
+    inner = next(
+        (re.search(r"Option '(\S+)' is not accepted", line) for line in lines if "not accepted" in line), None
+    )
+    if unknown or inner:
+        option = unknown.group(1).split("=")[0] if unknown else f"{key}.{inner.group(1)}"
+        known = [s for action in parser._actions for s in action.option_strings]
+        known += [f"--model.{k}" for k in inspect.signature(GPTLM).parameters]  # the default model's
+        guess = difflib.get_close_matches(option, known, n=1)
+        return f"unknown option {option}" + (f" (did you mean {guess[0]}?)" if guess else "")
+    reason = next((line for line in lines if line.startswith("Expected")), lines[-1])
+    return f"{key}: {reason}" if key else lines[0]
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -108,7 +137,7 @@ class CharLMCLI(LightningCLI):
         asked_args = dict(cfg.model.get("init_args") or {})
         super()._parse_ckpt_path()  # replaces the model config with the checkpoint's
         model = self.config[self.config.subcommand].model
-        if asked and model.class_path != asked:
+        if asked and _resolve(model.class_path) is not _resolve(asked):
             raise CharLMError(
                 f"{cfg.ckpt_path} holds a {model.class_path.rsplit('.', 1)[-1]} but the config asks for a "
                 f"{asked.rsplit('.', 1)[-1]}: use the config it was trained with, or leave the model out"
@@ -133,6 +162,10 @@ class CharLMCLI(LightningCLI):
         # Added here, not in the defaults: Lightning refuses a bar callback with enable_progress_bar=False.
         if config.get("enable_progress_bar") is not False:
             callbacks = [*callbacks, StepProgressBar()]
+        for name, (valid, wanted) in TRAINER_CHECKS.items():
+            value = config.get(name)
+            if value is not None and not valid(value):
+                raise CharLMError(f"--trainer.{name} must be {wanted}, got {value}")
         return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -170,10 +203,11 @@ class CharLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
         self.ckpt_vocab = cfg.model.init_args.get("vocab")  # only present when read from a checkpoint
-        if self.subcommand == "predict":
-            cfg.trainer.logger = False  # nothing to log; a logger would only leave an empty run folder
-            if self.ckpt_vocab:
-                cfg.data.vocab = self.ckpt_vocab  # the checkpoint's vocabulary: the corpus is never read
+        if self.subcommand in ("predict", "validate"):
+            # validate prints its metrics; a logger would only leave a new, nearly empty run folder
+            cfg.trainer.logger = False
+        if self.subcommand == "predict" and self.ckpt_vocab:
+            cfg.data.vocab = self.ckpt_vocab  # the checkpoint's vocabulary: the corpus is never read
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -184,6 +218,19 @@ class CharLMCLI(LightningCLI):
                 "--data.path it was trained on"
             )
 
+
+# Trainer options Lightning accepts but later divides by, clips with or loops on (written so nan fails).
+TRAINER_CHECKS = {
+    "val_check_interval": (
+        lambda v: (
+            v >= 1 if isinstance(v, int) else 0 < v <= 1 if isinstance(v, float) else True
+        ),  # else: time
+        "a number of steps >= 1 (or a fraction of an epoch in (0, 1])",
+    ),
+    "log_every_n_steps": (lambda v: v >= 1, ">= 1"),
+    "accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),
+    "gradient_clip_val": (lambda v: v >= 0, ">= 0"),
+}
 
 TRAINER_DEFAULTS = {
     "max_steps": 5000,
@@ -198,11 +245,35 @@ TRAINER_DEFAULTS = {
 }
 
 
+def _resolve(class_path: str) -> type:
+    """The class a dotted path names (lightning_charlm.GPTLM and lightning_charlm.module.GPTLM are one)."""
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
 def _causes(err: BaseException):
     # jsonargparse re-raises errors from a class's __init__ inside its own ValueError: look down the chain.
     while err is not None:
         yield err
         err = err.__cause__ or err.__context__
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message for an error the user's options, files or machine caused, or None for a bug."""
+    for cause in _causes(err):
+        if isinstance(cause, CharLMError):
+            return str(cause)
+        if isinstance(cause, MisconfigurationException):  # Lightning's own checks of the trainer options
+            return str(cause).strip().splitlines()[0]
+        text = str(cause)
+        if isinstance(cause, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text:
+            return f"out of memory ({text.splitlines()[0][:200]}): use a smaller model, batch or block size"
+        if isinstance(cause, RuntimeError) and text.startswith("Error(s) in loading state_dict"):
+            return (
+                "the checkpoint's weights do not fit the model its hyperparameters describe "
+                f"({text.splitlines()[1].strip()[:200]}): it was edited or written by other code"
+            )
+    return None
 
 
 def main(args: list[str] | None = None) -> None:
@@ -220,7 +291,7 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults=TRAINER_DEFAULTS
             | {
                 "precision": default_precision(),
-                "callbacks": [LearningRateMonitor(logging_interval="step"), TokensPerSecond()],
+                "callbacks": [TokensPerSecond()],
             },
             auto_configure_optimizers=False,  # the module's own AdamW + warmup/cosine, stepped per step
             seed_everything_default=1337,
@@ -229,10 +300,10 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except Exception as err:
-        user_error = next((e for e in _causes(err) if isinstance(e, CharLMError)), None)
-        if user_error is None:
+        message = user_error(err)
+        if message is None:
             raise
-        print(f"charlm: error: {user_error}", file=sys.stderr)
+        print(f"charlm: error: {message}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:
         print("charlm: stopped by a signal; continue with --ckpt_path last", file=sys.stderr)

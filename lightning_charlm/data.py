@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 
 from lightning_charlm.corpus import read_corpus
 from lightning_charlm.errors import CharLMError
-from lightning_charlm.sampling import check_settings
+from lightning_charlm.sampling import MAX_NEW_TOKENS, check_settings
 from lightning_charlm.tokenizer import CharTokenizer
 
 IGNORE = -100  # cross_entropy's ignore_index: targets already scored by an earlier validation window
@@ -127,13 +127,17 @@ class CharDataModule(L.LightningDataModule):
         ]:
             if value < 1:
                 raise CharLMError(f"data.{name} must be a positive integer, got {value}")
+        if max_new_tokens > MAX_NEW_TOKENS or num_samples > MAX_NEW_TOKENS:
+            raise CharLMError(f"data.max_new_tokens and data.num_samples must be at most {MAX_NEW_TOKENS:,}")
         if val_stride is not None and not 1 <= val_stride <= block_size:
             raise CharLMError(
                 f"data.val_stride must be between 1 and block_size ({block_size}), got {val_stride}"
             )
         check_settings(temperature, top_k, top_p)
-        # The vocabulary is the model's hyperparameter; logging it here too would clash when they differ.
-        self.save_hyperparameters(ignore=["vocab"])
+        # The vocabulary is the model's hyperparameter. Not merged into the logger's hyperparameters either:
+        # Lightning refuses a merge where data and model share a key with two values (block_size may
+        # rightly be shorter here than the model's context). config.yaml records them all.
+        self.save_hyperparameters(ignore=["vocab"], logger=False)
         self._vocab = vocab
         self._splits: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -153,9 +157,13 @@ class CharDataModule(L.LightningDataModule):
         train, val = data[:n_train], data[n_train:]
         need = self.hparams.block_size + 1
         if min(len(train), len(val)) < need:
-            shortest = next(
-                n for n in range(need, 10 * need + 1) if min(int(0.9 * n), n - int(0.9 * n)) >= need
-            )
+
+            def fits(n: int) -> bool:
+                return min(int(0.9 * n), n - int(0.9 * n)) >= need
+
+            shortest = 10 * need  # fits; a few characters less may too (rounding)
+            while fits(shortest - 1):
+                shortest -= 1
             raise CharLMError(
                 f"corpus too short: {len(data)} characters split into {len(train)} for training and "
                 f"{len(val)} for validation, but one window at block_size {need - 1} needs {need} characters "
@@ -207,9 +215,17 @@ class CharDataModule(L.LightningDataModule):
         prompts = list(hp.prompts or [])
         if hp.prompts_file:
             path = Path(hp.prompts_file)
+            if path.is_dir():
+                raise CharLMError(f"prompts file {path} is a directory: name a file, one prompt per line")
             if not path.is_file():
                 raise CharLMError(f"prompts file not found: {path}")
-            prompts += path.read_text(encoding="utf-8").splitlines()
+            try:
+                prompts += path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as err:
+                raise CharLMError(
+                    f"prompts file {path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset "
+                    f"{err.start}"
+                ) from None
         return [p for p in (prompts or [""]) for _ in range(hp.num_samples)]
 
     def predict_dataloader(self) -> DataLoader:

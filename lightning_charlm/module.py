@@ -19,6 +19,8 @@ from lightning_charlm.models import GPT, Bigram, GPTConfig
 from lightning_charlm.sampling import sample_text
 from lightning_charlm.tokenizer import CharTokenizer
 
+MAX_WEIGHTS = 10**11  # 400 GB in fp32: anything larger is a typo, and would only hang or run out of memory
+
 
 class CharLM(L.LightningModule):
     """Shared by both models. Subclasses only build `self.net` in `build_net`."""
@@ -46,14 +48,16 @@ class CharLM(L.LightningModule):
             which pays only for runs longer than configs/gpt.yaml's (README, GPU section).
         """
         super().__init__()
-        if lr <= 0 or min_lr < 0 or min_lr > lr:
+        if not (lr > 0 and 0 <= min_lr <= lr):  # written so that nan fails too
             raise CharLMError(
                 f"model.lr must be > 0 and 0 <= model.min_lr <= lr, got lr={lr}, min_lr={min_lr}"
             )
         if not 0 <= label_smoothing < 1:
             raise CharLMError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        if warmup_steps < 0 or weight_decay < 0:
+        if not (warmup_steps >= 0 and weight_decay >= 0):
             raise CharLMError("model.warmup_steps and model.weight_decay must be >= 0")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise CharLMError(f"model.betas must be two numbers in [0, 1), got {list(betas)}")
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
         self.net = self.build_net(len(vocab))
@@ -90,6 +94,7 @@ class CharLM(L.LightningModule):
             self.last_train_loss = loss.detach()  # shown by the progress bar (callbacks.StepProgressBar)
             if self._logging_step():
                 self.log("train/loss", self.last_train_loss, on_step=True, on_epoch=False)
+                self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         else:
             # Weighted by scored tokens, so val/loss is the exact mean over every validation character,
             # also when windows score different counts and under DDP.
@@ -277,6 +282,12 @@ class GPTLM(CharLM):
             raise CharLMError(f"model.n_embd ({hp.n_embd}) must be divisible by model.n_head ({hp.n_head})")
         if not 0 <= hp.dropout < 1:
             raise CharLMError(f"model.dropout must be in [0, 1), got {hp.dropout}")
+        weights = 12 * hp.n_layer * hp.n_embd**2 + (vocab_size + hp.block_size) * hp.n_embd
+        if weights > MAX_WEIGHTS:
+            raise CharLMError(
+                f"model.n_layer {hp.n_layer}, n_embd {hp.n_embd} and block_size {hp.block_size} make a GPT "
+                f"of about {weights:.1e} weights, more than {MAX_WEIGHTS:.0e}: no machine holds it"
+            )
         return GPT(
             GPTConfig(
                 vocab_size=vocab_size,

@@ -28,6 +28,8 @@ from lightning_charlm.errors import CharLMError
 def check_checkpoint(path: str) -> dict[str, Any]:
     """Load `path` the safe way (tensors and primitives only, memory-mapped) or raise a CharLMError that
     names it."""
+    if Path(path).is_dir():
+        raise CharLMError(f"--ckpt_path {path} is a directory: name a .ckpt file")
     if not Path(path).is_file():
         raise CharLMError(f"checkpoint not found: {path}")
     try:
@@ -43,6 +45,12 @@ def check_checkpoint(path: str) -> dict[str, Any]:
         raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CharLMError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    missing = [k for k in ("pytorch-lightning_version", "hyper_parameters") if k not in ckpt]
+    if missing or "vocab" not in ckpt["hyper_parameters"]:
+        raise CharLMError(
+            f"{path} is not a charlm checkpoint: it lacks {', '.join(missing) or 'the vocabulary'}, which "
+            "`charlm fit` writes into every checkpoint"
+        )
     return ckpt
 
 

@@ -8,9 +8,11 @@ from torch import nn
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import CharTokenizer
 
+MAX_NEW_TOKENS = 10_000_000  # hours of generation even on a GPU: a larger count is a typo, not a plan
+
 
 def check_settings(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None):
-    if temperature < 0:
+    if not temperature >= 0:  # nan fails too
         raise CharLMError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= (vocab_size or top_k):
         raise CharLMError(f"top_k must be between 1 and the vocabulary size ({vocab_size}), got {top_k}")
@@ -103,8 +105,8 @@ def sample_text(
     lengths keep every row's window in step.
     """
     check_settings(temperature, top_k, top_p, len(tokenizer))
-    if max_new_tokens < 1:
-        raise CharLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise CharLMError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS:,}, got {max_new_tokens}")
     device = next(model.parameters()).device
     generator = None
     if seed is not None:

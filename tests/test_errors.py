@@ -30,6 +30,14 @@ def work(tmp_path_factory) -> Path:
     (tmp / "kept.txt").write_text("an earlier prediction\n")
     (tmp / "other.txt").write_text("Ünïcödé ✓ 世界 🙂\n" * 400)
     (tmp / "blocked").write_text("a file where the logs folder should be\n")
+    (tmp / "latin1-prompts.txt").write_bytes(b"caf\xe9\n")
+    ckpt = torch.load(tmp / BEST, weights_only=True)
+    torch.save({"state_dict": ckpt["state_dict"]}, tmp / "weights-only.ckpt")
+    hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "vocab"}
+    torch.save({**ckpt, "hyper_parameters": hp}, tmp / "no-vocab.ckpt")
+    torch.save(
+        {**ckpt, "hyper_parameters": {**ckpt["hyper_parameters"], "n_layer": 3}}, tmp / "mismatch.ckpt"
+    )
     return tmp
 
 
@@ -55,7 +63,10 @@ CASES = {
     "dropout one": ([*FIT, "--model.dropout", "1.0"], r"model\.dropout must be in \[0, 1\)"),
     "label smoothing negative": ([*FIT, "--model.label_smoothing", "-0.1"], r"label_smoothing must be in"),
     "lr zero": ([*FIT, "--model.lr", "0"], r"model\.lr must be > 0"),
-    "unknown option": ([*FIT, "--model.n_layers", "3"], r"n_layers"),
+    "unknown option": (
+        [*FIT, "--model.n_layers", "3"],
+        r"unknown option --model\.n_layers \(did you mean --model\.n_layer\?\)",
+    ),
     "data block longer than model": ([*FIT, "--data.block_size", "64"], r"longer than the model's context"),
     "max_new_tokens zero": (
         [*PREDICT, "--data.max_new_tokens", "0"],
@@ -108,7 +119,44 @@ CASES = {
             "--data.prompts",
             '["my", "my!"]',
         ],
-        r"'!' at position 1",
+        r"'!' at position 2",
+    ),
+    "betas out of range": (
+        [*FIT, "--model.betas", "[2.0, 0.5]"],
+        r"model\.betas must be two numbers in \[0, 1\)",
+    ),
+    "sample every 0 steps": ([*FIT, "--sample.every_n_steps", "0"], r"sample\.every_n_steps must be >= 1"),
+    "val_check_interval 0": (
+        [*FIT, "--trainer.val_check_interval", "0"],
+        r"val_check_interval must be a number",
+    ),
+    "max_steps negative": (
+        [*FIT, "--trainer.max_steps", "-5"],
+        r"`max_steps` must be a non-negative integer",
+    ),
+    "lr not a number": ([*FIT, "--model.lr", "nan"], r"--model\.lr: Expected a <class 'float'>"),
+    "misspelt option": (
+        [*FIT, "--data.pth", "x"],
+        r"unknown option --data\.pth \(did you mean --data\.path\?\)",
+    ),
+    "model too large": ([*FIT, "--model.n_layer", str(10**9)], r"more than 1e\+11: no machine holds it"),
+    "prompts file not UTF-8": (
+        [*PRED, "--data.prompts_file", "latin1-prompts.txt"],
+        r"not UTF-8 text: byte 0xe9",
+    ),
+    "prompts file is a directory": (
+        [*PRED, "--data.prompts_file", "logs"],
+        r"prompts file logs is a directory",
+    ),
+    "checkpoint is a directory": (["predict", "--ckpt_path", "logs"], r"--ckpt_path logs is a directory"),
+    "checkpoint with weights only": (
+        ["predict", "--ckpt_path", "weights-only.ckpt"],
+        r"is not a charlm checkpoint",
+    ),
+    "checkpoint without vocabulary": (["predict", "--ckpt_path", "no-vocab.ckpt"], r"lacks the vocabulary"),
+    "checkpoint with other sizes": (
+        ["predict", "--ckpt_path", "mismatch.ckpt"],
+        r"weights do not fit the model",
     ),
     "logs folder not writable": (
         [*FIT, "--trainer.logger.init_args.save_dir", "blocked"],
@@ -185,3 +233,23 @@ def test_non_finite_loss_stops_and_keeps_earlier_checkpoints(tmp_path):
         state = torch.load(ckpts / name, weights_only=True)
         assert state["global_step"] <= 10
         assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
+
+
+def test_no_logger_and_a_module_path_run(work, monkeypatch, capsys):
+    """`--trainer.logger false` trains (without a logger there is no learning-rate log to keep), and the
+    model named by its full module path is the class the checkpoint holds."""
+    monkeypatch.chdir(work)
+    main([*FIT, "--trainer.logger", "false", "--trainer.default_root_dir", "nolog"])
+    assert list((work / "nolog").rglob("last.ckpt"))
+    main(
+        [
+            "validate",
+            "--model",
+            "lightning_charlm.module.GPTLM",
+            "--data.path",
+            "corpus.txt",
+            "--ckpt_path",
+            BEST,
+        ]
+    )
+    assert "val/loss" in capsys.readouterr().out
