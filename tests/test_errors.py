@@ -241,15 +241,6 @@ def test_no_logger_and_a_module_path_run(work, monkeypatch, capsys):
     monkeypatch.chdir(work)
     main([*FIT, "--trainer.logger", "false", "--trainer.default_root_dir", "nolog"])
     assert list((work / "nolog").rglob("last.ckpt"))
-    main(
-        [
-            "validate",
-            "--model",
-            "lightning_charlm.module.GPTLM",
-            "--data.path",
-            "corpus.txt",
-            "--ckpt_path",
-            BEST,
-        ]
-    )
+    model = ["--model", "lightning_charlm.module.GPTLM", "--data.block_size", "32"]
+    main(["validate", *model, "--data.path", "corpus.txt", "--ckpt_path", BEST])
     assert "val/loss" in capsys.readouterr().out
