@@ -284,6 +284,16 @@ class PredictionWriter(BasePredictionWriter):
     def _tmp(self, trainer: L.Trainer) -> Path:
         return self.path(trainer).with_name(self.path(trainer).name + ".tmp")
 
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # SIGTERM or Ctrl-C: generation stops at the next token, and what was generated is written. A second
+        # Ctrl-C interrupts at once.
+        def on_signal(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            pl_module.interrupted.set()
+
+        self._handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.written = 0
+
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
@@ -293,10 +303,23 @@ class PredictionWriter(BasePredictionWriter):
         if self.output is not None:
             with self._tmp(trainer).open("a", encoding="utf-8") as f:
                 f.writelines(record + "\n" for record in records)
+        self.written += len(records)
+        if pl_module.interrupted.is_set():
+            self.on_predict_end(trainer, pl_module)
+            where = f" to {self.path(trainer)}" if self.output is not None else ""
+            rank_zero_info(
+                f"Stopped by a signal: {self.written} continuations (the last cut short) written{where}"
+            )
+            raise SIGTERMException
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.output is not None:
             os.replace(self._tmp(trainer), self.path(trainer))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, handler in getattr(self, "_handlers", {}).items():
+            signal.signal(signum, handler)
+        self._handlers = {}
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

@@ -306,7 +306,11 @@ def main(args: list[str] | None = None) -> None:
         print(f"charlm: error: {message}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:
-        print("charlm: stopped by a signal; continue with --ckpt_path last", file=sys.stderr)
+        predicting = "predict" in (sys.argv[1:] if args is None else args)
+        print(
+            f"charlm: stopped by a signal{'' if predicting else '; continue with --ckpt_path last'}",
+            file=sys.stderr,
+        )
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C: a checkpoint being written is still finished on exit
         print("charlm: interrupted", file=sys.stderr)

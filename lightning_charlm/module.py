@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any
 
 import lightning as L
@@ -65,6 +66,7 @@ class CharLM(L.LightningModule):
         self._no_decay = {name for name, p in self.net.named_parameters() if p.dim() < 2}
         self.val_loss = MeanMetric()
         self.last_train_loss: torch.Tensor | None = None
+        self.interrupted = threading.Event()  # set by a signal during predict (callbacks.PredictionWriter)
 
     def build_net(self, vocab_size: int) -> nn.Module:
         raise NotImplementedError
@@ -169,7 +171,7 @@ class CharLM(L.LightningModule):
         prompts = settings.pop("prompts")
         if settings["seed"] is not None:  # each batch of each rank its own stream, reproducible from the seed
             settings["seed"] += batch_idx * self.trainer.world_size + self.global_rank
-        texts = self.generate(prompts, **settings)
+        texts = self.generate(prompts, **settings, interrupted=self.interrupted.is_set)
         return list(zip(prompts, texts, strict=True))
 
     def generate(self, prompts: list[str], **kwargs: Any) -> list[str]:

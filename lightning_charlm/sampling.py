@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -55,6 +57,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     stop_ids: list[int] | None = None,
+    interrupted: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Extend idx (B, T) by up to max_new_tokens; returns (B, T + n).
 
@@ -70,6 +73,8 @@ def generate(
     stop = torch.tensor(stop_ids or [], device=idx.device)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
+        if interrupted is not None and interrupted():  # a signal: stop here and keep what is generated
+            break
         if idx.size(1) - start > block:
             start, fed = idx.size(1) - keep, 0
             cache = model.new_cache() if cache is not None else None
@@ -98,6 +103,7 @@ def sample_text(
     seed: int | None = None,
     stop: str | None = None,
     use_cache: bool = True,
+    interrupted: Callable[[], bool] | None = None,
 ) -> list[str]:
     """Continuations (without the prompt) of each prompt, cut after `stop` if given.
 
@@ -118,7 +124,9 @@ def sample_text(
     for length in sorted({len(e) for e in encoded}):
         rows = [i for i, e in enumerate(encoded) if len(e) == length]
         idx = torch.stack([encoded[i] for i in rows]).to(device)
-        res = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_ids)
+        res = generate(
+            model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_ids, interrupted
+        )
         for i, ids in zip(rows, res[:, length:], strict=True):
             text = tokenizer.decode(ids)
             out[i] = text[: text.index(stop) + len(stop)] if stop and stop in text else text

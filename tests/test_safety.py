@@ -171,3 +171,25 @@ def test_ctrl_c_twice_leaves_a_valid_last_checkpoint(delay, stopped_run, tmp_pat
     ckpts = run / "logs/charlm/version_0/checkpoints"
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] >= 20
     assert not list(ckpts.glob("*.tmp"))
+
+
+def test_sigterm_during_predict_stops_and_keeps_the_text(stopped_run, tmp_path):
+    best = stopped_run / "logs/charlm/version_0/checkpoints/best.ckpt"
+    out = tmp_path / "p.txt"
+    args = ["predict", "--ckpt_path", str(best), "--data.batch_size", "1", "--writer.output", str(out)]
+    long = ["--data.prompts", '["the", "my"]', "--data.max_new_tokens", "2000000"]  # hours on a CPU
+    proc = subprocess.Popen(
+        [CHARLM, *args, *long], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "p.txt.tmp").exists():  # generation is about to start
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out_text, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 10  # stopped at the next token, not after 2 million
+    assert proc.returncode == 1 and "Traceback" not in err and "stopped by a signal" in err, err[-2000:]
+    assert "Stopped by a signal: 1 continuations" in out_text + err
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("the") and len(text) > 10 and not (tmp_path / "p.txt.tmp").exists()
