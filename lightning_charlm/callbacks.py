@@ -1,4 +1,5 @@
-"""Side jobs only: safe checkpoints, throughput, SampleText (periodic samples), the prediction writer."""
+"""Side jobs only: throughput, the progress bar, SampleText (periodic samples), the prediction writer.
+(The Checkpoint callback lives in checkpointing.py.)"""
 
 from __future__ import annotations
 
@@ -11,124 +12,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lightning_charlm.errors import CharLMError
-from lightning_charlm.runs import BackgroundCheckpointIO
 from lightning_charlm.sampling import MAX_NEW_TOKENS, check_settings
-
-
-class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that never leaves a half-written file and loses at most `last_every_n_steps` steps.
-
-    - Nothing is saved once the loss or the weights are non-finite: the run stops with a CharLMError instead.
-    - Files are written by runs.BackgroundCheckpointIO: in a background thread, to `NAME.tmp`, then renamed
-      over `NAME`, so training goes on meanwhile and a kill mid-write keeps the old file.
-    - `last.ckpt` is also written every `last_every_n_steps` optimizer steps, not only at validation.
-    - SIGTERM and the first Ctrl-C stop the run after the step in progress and write `last.ckpt`; Lightning
-      turns SIGTERM into a SIGTERMException at the end of a whole step, and SIGINT is routed the same way.
-      A second Ctrl-C interrupts at once.
-    """
-
-    def __init__(self, *args: Any, last_every_n_steps: int | None = 100, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.last_every_n_steps = last_every_n_steps
-        self._last_periodic_step = -1  # with gradient accumulation several batches end on one step
-        self._sigint_handler: Any = None
-        self._bad_step: torch.Tensor | None = None
-
-    def _raise_if_nonfinite(self, trainer: L.Trainer) -> None:
-        """Stop before a checkpoint could hold NaN/inf weights (one device sync, so only now and then)."""
-        step = int(self._bad_step) if self._bad_step is not None else -1
-        params = list(trainer.lightning_module.parameters())
-        if step < 0 and not torch.stack([p.isfinite().all() for p in params]).all():
-            step = trainer.global_step
-        if step >= 0:
-            raise CharLMError(
-                f"the training loss or weights became non-finite (nan or inf) at step {step}; the run is "
-                "stopped and the checkpoints written before are kept as they were. Try a lower --model.lr, "
-                "more --model.warmup_steps or 32-bit precision."
-            )
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's own is kept
-            trainer.strategy.checkpoint_io = BackgroundCheckpointIO()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores the best score only when the saved dirpath string equals the current one. From
-        # another working directory, or with an absolute save_dir, the strings differ, the score is dropped,
-        # and the next validation would replace best.ckpt whatever its loss. A resumed run writes into the
-        # folder its checkpoint came from (runs.continue_run), so its state is this folder's: restore it
-        # all, with the stored file paths moved into this folder (Lightning deletes superseded top-k files
-        # by those paths, so they must name files here).
-        saved, here = state_dict.get("dirpath"), self.dirpath
-        if saved is not None and here is not None and saved != here:
-
-            def moved(path: str | None) -> str | None:
-                return os.path.join(here, os.path.basename(path)) if path else path
-
-            state_dict = dict(state_dict, dirpath=here)
-            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-                state_dict[key] = moved(state_dict.get(key))
-            state_dict["best_k_models"] = {
-                moved(k): v for k, v in state_dict.get("best_k_models", {}).items()
-            }
-        super().load_state_dict(state_dict)
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        self._raise_if_nonfinite(trainer)
-        super()._save_checkpoint(trainer, filepath)
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args: Any
-    ) -> None:
-        # Remember the first step with a non-finite loss on the device, without a sync every step.
-        loss = outputs["loss"].detach() if isinstance(outputs, dict) else outputs.detach()
-        current = torch.full_like(loss, trainer.global_step)
-        if self._bad_step is None:
-            self._bad_step = torch.full_like(loss, -1)
-        self._bad_step = torch.where(~loss.isfinite() & (self._bad_step < 0), current, self._bad_step)
-        if trainer.global_step % trainer.log_every_n_steps == 0:
-            self._raise_if_nonfinite(trainer)
-        super().on_train_batch_end(trainer, pl_module, outputs, *args)
-        n, step = self.last_every_n_steps, trainer.global_step
-        if self.save_last and n and step % n == 0 and step != self._last_periodic_step:
-            saved = self._last_global_step_saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            # ModelCheckpoint skips validation-time saves at a step it already saved: keep best.ckpt possible.
-            self._last_global_step_saved, self._last_periodic_step = saved, step
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        sigterm = signal.getsignal(signal.SIGTERM)  # Lightning's handler: sets trainer.received_sigterm
-        if callable(sigterm):
-
-            def on_sigint(signum, frame):
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-                rank_zero_info(
-                    "\nCtrl-C: stopping after this step and saving last.ckpt (Ctrl-C again to abort)"
-                )
-                sigterm(signum, frame)
-
-            self._sigint_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._sigint_handler is not None:
-            signal.signal(signal.SIGINT, self._sigint_handler)
-            self._sigint_handler = None
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        if isinstance(exception, SIGTERMException) and self.save_last:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(f"Stopped by a signal at step {trainer.global_step}; saved {self.last_model_path}")
-        else:  # a crash or a non-finite loss: never overwrite good checkpoints with its state
-            super().on_exception(trainer, pl_module, exception)
 
 
 class TokensPerSecond(L.Callback):
@@ -325,4 +215,5 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         if trainer.predicting and self.output is not None:
-            self._tmp(trainer).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the path may never have been writable (that error is shown)
+                self._tmp(trainer).unlink(missing_ok=True)

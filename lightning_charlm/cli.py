@@ -14,17 +14,17 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_charlm.callbacks import (
-    Checkpoint,
     PredictionWriter,
     SampleText,
     StepProgressBar,
     TokensPerSecond,
 )
+from lightning_charlm.checkpointing import Checkpoint
 from lightning_charlm.data import CharDataModule
-from lightning_charlm.errors import CharLMError
+from lightning_charlm.errors import CharLMError, user_error
 from lightning_charlm.module import GPTLM, CharLM
 from lightning_charlm.runs import (
     RUNTIME_OPTIONS,
@@ -249,31 +249,6 @@ def _resolve(class_path: str) -> type:
     """The class a dotted path names (lightning_charlm.GPTLM and lightning_charlm.module.GPTLM are one)."""
     module, name = class_path.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
-
-
-def _causes(err: BaseException):
-    # jsonargparse re-raises errors from a class's __init__ inside its own ValueError: look down the chain.
-    while err is not None:
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def user_error(err: BaseException) -> str | None:
-    """The one-line message for an error the user's options, files or machine caused, or None for a bug."""
-    for cause in _causes(err):
-        if isinstance(cause, CharLMError):
-            return str(cause)
-        if isinstance(cause, MisconfigurationException):  # Lightning's own checks of the trainer options
-            return str(cause).strip().splitlines()[0]
-        text = str(cause)
-        if isinstance(cause, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text:
-            return f"out of memory ({text.splitlines()[0][:200]}): use a smaller model, batch or block size"
-        if isinstance(cause, RuntimeError) and text.startswith("Error(s) in loading state_dict"):
-            return (
-                "the checkpoint's weights do not fit the model its hyperparameters describe "
-                f"({text.splitlines()[1].strip()[:200]}): it was edited or written by other code"
-            )
-    return None
 
 
 def main(args: list[str] | None = None) -> None:

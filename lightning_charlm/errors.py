@@ -1,5 +1,37 @@
-"""The one exception type for mistakes a user can fix; the CLI prints it without a traceback."""
+"""The one exception type for mistakes a user can fix, and which other errors are the user's too: the CLI
+prints them as one line, without a traceback."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 
 class CharLMError(Exception):
     """A user-facing error: the message says what is wrong and how to fix it."""
+
+
+def _causes(err: BaseException):
+    # jsonargparse re-raises errors from a class's __init__ inside its own ValueError: look down the chain.
+    while err is not None:
+        yield err
+        err = err.__cause__
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message for an error the user's options, files or machine caused, or None for a bug."""
+    for cause in _causes(err):
+        if isinstance(cause, CharLMError):
+            return str(cause)
+        if isinstance(cause, MisconfigurationException):  # Lightning's own checks of the trainer options
+            return str(cause).strip().splitlines()[0]
+        text = str(cause)
+        oom = isinstance(cause, RuntimeError) and "can't allocate memory" in text  # the CPU allocator's
+        if oom or isinstance(cause, MemoryError | torch.OutOfMemoryError):
+            return f"out of memory ({text.splitlines()[0][:200]}): use a smaller model, batch or block size"
+        if isinstance(cause, RuntimeError) and text.startswith("Error(s) in loading state_dict"):
+            return (
+                "the checkpoint's weights do not fit the model its hyperparameters describe "
+                f"({text.splitlines()[1].strip()[:200]}): it was edited or written by other code"
+            )
+    return None

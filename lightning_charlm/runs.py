@@ -1,5 +1,5 @@
 """Where runs and checkpoints live: finding the newest run to resume, logging a resumed run into its own
-folder, checking a checkpoint file safely before Lightning touches it, and writing checkpoints."""
+folder (and locking it), and checking a checkpoint file safely before Lightning touches it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import inspect
 import os
 import pickle
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,6 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, the run folder is not guarded
     fcntl = None
-from lightning.fabric.plugins import TorchCheckpointIO
-from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_charlm.errors import CharLMError
 
@@ -152,64 +149,3 @@ def continue_run(logger, ckpt: Path) -> None:
     run = Path(os.path.relpath(ckpt.parent.parent))  # relative like the saved dirpath, so its state reloads
     if tb is not None and ckpt.parent.name == "checkpoints" and run.name.startswith("version_"):
         tb.save_dir, tb.name, tb.version = str(run.parent.parent), run.parent.name, run.name
-
-
-class BackgroundCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint in a background thread, straight to `NAME.tmp` beside `NAME`, then renames it.
-
-    Training goes on while a file is written (a 10 M-parameter GPT with AdamW is ~130 MB: ~0.2 s of disk
-    time, twice at a validation that improves: best.ckpt and last.ckpt). The tensors are copied on the
-    calling thread first, since training keeps changing them in place, so a file holds exactly the state of
-    the step it was asked for. Files are written in order, at most two in flight (one validation's pair):
-    a further save, and the end of the run, wait (and raise a write's error, if any). A kill mid-write
-    leaves the previous `NAME` intact; nothing is staged in memory or in $TMPDIR, as Lightning's default
-    writer does.
-    """
-
-    def __init__(self, in_flight: int = 2):
-        super().__init__()
-        self.in_flight = in_flight
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
-        while len(self._pending) >= self.in_flight:
-            self._pending.pop(0).result()
-        copies: dict[tuple, torch.Tensor] = {}
-
-        def copy(t: torch.Tensor) -> torch.Tensor:  # views of one storage (tied weights) stay one copy
-            key = (t.device, t.data_ptr(), t.dtype, t.shape, t.stride())
-            if key not in copies:
-                copies[key] = t.detach().clone()
-            return copies[key]
-
-        snapshot = apply_to_collection(checkpoint, torch.Tensor, copy)
-        self._executor = self._executor or ThreadPoolExecutor(max_workers=1)  # one thread: files in order
-        self._pending.append(self._executor.submit(_write, snapshot, Path(path)))
-
-    def wait(self) -> None:
-        """Block until every file asked for is written; raise the first write error."""
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-    def teardown(self) -> None:
-        self.wait()
-
-
-def _write(checkpoint: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "wb") as f:  # a Python file, so a full disk is an OSError (ENOSPC), not torch's own
-            torch.save(checkpoint, f)
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CharLMError(
-            f"cannot write the checkpoint {path} ({err.strerror or err}); the checkpoints written before are "
-            "kept. Free some space (or make the folder writable) and resume with --ckpt_path last"
-        ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_charlm.cli import main
+from lightning_charlm.errors import CharLMError, user_error
 from tests.conftest import make_corpus, run_charlm
 from tests.test_cli import TINY
 from tests.test_resume import ENV, callbacks
@@ -244,3 +245,18 @@ def test_no_logger_and_a_module_path_run(work, monkeypatch, capsys):
     model = ["--model", "lightning_charlm.module.GPTLM", "--data.block_size", "32"]
     main(["validate", *model, "--data.path", "corpus.txt", "--ckpt_path", BEST])
     assert "val/loss" in capsys.readouterr().out
+
+
+def test_only_an_explicit_cause_makes_an_error_the_users():
+    """A crash while handling a user error is a bug: its traceback must show, not the user error's line."""
+    try:
+        try:
+            raise CharLMError("bad option")
+        except CharLMError:
+            raise KeyError("crash in the handler")  # noqa: B904
+    except KeyError as crash:
+        assert user_error(crash) is None
+    try:
+        raise ValueError("wrapped by jsonargparse") from CharLMError("bad option")
+    except ValueError as wrapped:
+        assert user_error(wrapped) == "bad option"
