@@ -29,7 +29,10 @@ def test_resume_never_replaces_a_better_best(case, tmp_path, corpus):
     elsewhere.mkdir()
     save_dir = str(home / "logs") if case == "with an absolute save_dir" else "logs"
     args = ["fit", *TINY, "--data.path", str(corpus), *STEPS, "--trainer.logger.init_args.save_dir", save_dir]
-    first = run_charlm(*args, *callbacks("StopAtStep", step=20), cwd=home, env=ENV)
+    staging = tmp_path / "tmpdir"  # Lightning's own writer stages every checkpoint in $TMPDIR first
+    staging.mkdir()
+    env = ENV | {"TMPDIR": str(staging)}
+    first = run_charlm(*args, *callbacks("StopAtStep", step=20), cwd=home, env=env)
     assert first.returncode == 0, first.stderr
     root = home / "logs/charlm/version_0"
     best = root / "checkpoints/best.ckpt"
@@ -38,13 +41,14 @@ def test_resume_never_replaces_a_better_best(case, tmp_path, corpus):
         resume, cwd = "last", home
     else:
         resume, cwd = str(root / "checkpoints/last.ckpt"), elsewhere
-    second = run_charlm(*args, "--ckpt_path", resume, *callbacks("ScrambleAtStep", step=21), cwd=cwd, env=ENV)
+    second = run_charlm(*args, "--ckpt_path", resume, *callbacks("ScrambleAtStep", step=21), cwd=cwd, env=env)
     assert second.returncode == 0, second.stderr
     assert not (elsewhere / "logs").exists()  # it went on in its own run folder
     val = {e.step + 1: e.value for e in scalars(root).Scalars("val/loss")}
     assert min(val[30], val[40]) > min(val[10], val[20]), val  # the scrambled model is worse
     assert best.read_bytes() == kept
     assert "dirpath has changed" not in second.stderr
+    assert not list(staging.iterdir())  # nothing staged elsewhere
 
 
 def test_predict_checks_every_prompt_before_generating(tmp_path, corpus, monkeypatch, capsys):
