@@ -115,6 +115,8 @@ class SampleText(L.Callback):
         due = step and step % self.every_n_steps == 0 and step != self._last_step  # not before a step
         if not due or not (trainer.is_global_zero or sharded):
             return
+        if not all(p.isfinite().all() for p in pl_module.parameters()):
+            return  # a diverged model cannot be sampled; the Checkpoint callback stops the run with a message
         self._last_step = step  # with gradient accumulation several batches end on one step
         full = FullyShardedDataParallel.summon_full_params if sharded else None
         with full(trainer.model, writeback=False) if full else contextlib.nullcontext():

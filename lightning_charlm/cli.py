@@ -176,6 +176,9 @@ class CharLMCLI(LightningCLI):
             if self.run_folder is not None:
                 self.run_folder.discard_if_empty()
             raise
+        finally:
+            if self.run_folder is not None:
+                self.run_folder.release()
 
     def before_fit(self) -> None:
         # Everything that can refuse the run is checked before anything is written to its folder.

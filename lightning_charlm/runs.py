@@ -113,15 +113,15 @@ def newest_last_checkpoint(logger) -> Path:
 
 
 class RunFolder:
-    """The run folder a `fit` writes, held for the process's lifetime with an advisory lock (released by
-    the OS when the process ends or dies), so a second process cannot write the same folder. A folder this
-    run created is removed again if the run fails before it holds a checkpoint: a refused or interrupted
-    start leaves nothing behind."""
+    """The run folder a `fit` writes, held with an advisory lock until `release` (or until the process
+    ends, however it ends), so a second process cannot write the same folder. A folder this run created is
+    removed again if the run fails before it holds a checkpoint: a refused or interrupted start leaves
+    nothing behind."""
 
     def __init__(self, folder: Path):
         self.folder, self.fresh = folder, not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        self._lock = open(folder / ".lock", "a+")  # noqa: SIM115  (held until the process ends)
+        self._lock = open(folder / ".lock", "a+")  # noqa: SIM115  (held until release)
         try:
             if fcntl is not None:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -141,6 +141,9 @@ class RunFolder:
     def discard_if_empty(self) -> None:
         if self.fresh and not any(self.folder.rglob("*.ckpt")):
             shutil.rmtree(self.folder, ignore_errors=True)
+
+    def release(self) -> None:
+        self._lock.close()  # closing the file drops the lock
 
 
 def continue_run(logger, ckpt: Path) -> None:

@@ -72,6 +72,7 @@ def generate(
     start, fed = max(0, idx.size(1) - block), 0  # window start; tokens of the window already cached
     stop = torch.tensor(stop_ids or [], device=idx.device)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    finite = torch.ones((), dtype=torch.bool, device=idx.device)  # checked once at the end: no sync per token
     for _ in range(max_new_tokens):
         if interrupted is not None and interrupted():  # a signal: stop here and keep what is generated
             break
@@ -84,11 +85,20 @@ def generate(
         else:
             logits = model(window[:, fed:], cache=cache)[:, -1]
             fed = window.size(1)
+        # A diverged model gives nan/inf logits, on which sampling would fail (on CUDA with a device assert
+        # that ends the process): sample those rows from zeros instead, and report it after the loop.
+        ok = logits.isfinite().all(-1, keepdim=True)
+        finite &= ok.all()
+        logits = torch.where(ok, logits, 0.0)
         idx = torch.cat([idx, next_token(logits, temperature, top_k, top_p, generator)], dim=1)
         if len(stop) and idx.size(1) >= len(stop):
             done |= (idx[:, -len(stop) :] == stop).all(-1)
             if done.all():
                 break
+    if not finite:
+        raise CharLMError(
+            "the model's outputs are not finite (nan or inf): it diverged, it cannot be sampled"
+        )
     return idx
 
 

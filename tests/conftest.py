@@ -1,5 +1,7 @@
 """Shared fixtures: the tiny Shakespeare copy beside the repo, small corpora, and the real console script."""
 
+import contextlib
+import io
 import os
 import random
 import subprocess
@@ -46,3 +48,21 @@ def run_charlm(
     return subprocess.run(
         [CHARLM, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def charlm_main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`charlm ARGS` run in this process through the console script's own main(), for tests that need no
+    process of their own (a subprocess spends most of its time importing torch and Lightning). Returns what
+    run_charlm returns; an uncaught exception is not turned into an exit code: it fails the test."""
+    from lightning_charlm.cli import main
+
+    out, err, code, home = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        os.chdir(home)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import run_charlm
+from tests.conftest import charlm_main, run_charlm
 
 TINY = [
     "--model",
@@ -133,7 +133,7 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus):
 
 def test_early_stopping_ends_an_overfitting_run(tmp_path, corpus):
     big = [a if a != "32" else "64" for a in TINY]
-    fit = run_charlm(
+    fit = charlm_main(
         "fit",
         *big,
         "--data.path",

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import make_corpus, run_charlm
+from tests.conftest import charlm_main, make_corpus, run_charlm
 from tests.test_cli import TINY
 from tests.test_resume import ENV, callbacks
 
@@ -61,7 +61,7 @@ def test_ddp_validate_equals_single_process(ddp_run):
         "false",
     ]
     two = run_charlm(*args, *DDP, cwd=tmp)
-    one = run_charlm(*args, cwd=tmp)
+    one = charlm_main(*args, cwd=tmp)
     assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
     assert abs(val_loss(two.stdout) - val_loss(one.stdout)) < 1e-5
     saved = torch.load(best, weights_only=True)
@@ -85,7 +85,7 @@ def test_ddp_resume_is_exact(ddp_run, tmp_path):
 def test_single_process_checkpoint_resumes_under_ddp(ddp_run, tmp_path):
     _, corpus = ddp_run
     data = ["--data.path", str(corpus)]
-    one = run_charlm("fit", *RUN, *data, *callbacks("StopAtStep", step=10), cwd=tmp_path, env=ENV)
+    one = charlm_main("fit", *RUN, *data, *callbacks("StopAtStep", step=10), cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     two = run_charlm("fit", *RUN, *DDP, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
     assert two.returncode == 0, two.stderr

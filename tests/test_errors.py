@@ -10,9 +10,9 @@ import torch
 
 from lightning_charlm.cli import main
 from lightning_charlm.errors import CharLMError, user_error
-from tests.conftest import make_corpus, run_charlm
+from tests.conftest import charlm_main, make_corpus
 from tests.test_cli import TINY
-from tests.test_resume import ENV, callbacks
+from tests.test_resume import callbacks
 
 SHORT = ["--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--sample.every_n_steps", "1000"]
 
@@ -22,7 +22,7 @@ def work(tmp_path_factory) -> Path:
     """A folder with a corpus, odd files, and a finished run whose files must survive every case."""
     tmp = tmp_path_factory.mktemp("errors")
     make_corpus(tmp)
-    res = run_charlm("fit", *TINY, *SHORT, "--data.path", "corpus.txt", cwd=tmp)
+    res = charlm_main("fit", *TINY, *SHORT, "--data.path", "corpus.txt", cwd=tmp)
     assert res.returncode == 0, res.stderr
     (tmp / "empty.txt").write_text("")
     (tmp / "short.txt").write_text("To be, or not to be.\n" * 3)
@@ -186,14 +186,14 @@ def test_bad_input(case, work, monkeypatch, capsys):
 
 
 def test_any_utf8_text_and_long_prompts_work(work):
-    fit = run_charlm("fit", *TINY, *SHORT, "--data.path", "other.txt", cwd=work)
+    fit = charlm_main("fit", *TINY, *SHORT, "--data.path", "other.txt", cwd=work)
     assert fit.returncode == 0, fit.stderr
     best = sorted(work.glob("logs/charlm/version_*/checkpoints/best.ckpt"))[-1]
-    val = run_charlm("validate", *TINY, "--data.path", "other.txt", "--ckpt_path", str(best), cwd=work)
+    val = charlm_main("validate", *TINY, "--data.path", "other.txt", "--ckpt_path", str(best), cwd=work)
     assert val.returncode == 0, val.stderr
     prompt = "世界 🙂 Ünïcödé ✓\n" * 10  # 160 characters: longer than block_size 32, so it is cropped
     prompts = json.dumps([prompt], ensure_ascii=False)  # raw characters, as a user types them
-    pred = run_charlm(
+    pred = charlm_main(
         "predict",
         "--ckpt_path",
         str(best),
@@ -226,7 +226,7 @@ def test_non_finite_loss_stops_and_keeps_earlier_checkpoints(tmp_path):
         "--checkpoint.last_every_n_steps",
         "5",
     ]
-    res = run_charlm(*args, *callbacks("PoisonAtStep", step=12), cwd=tmp_path, env=ENV)
+    res = charlm_main(*args, *callbacks("PoisonAtStep", step=12), cwd=tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert re.search(r"non-finite \(nan or inf\) at step 1[23]\b", res.stderr), res.stderr[-2000:]
     ckpts = tmp_path / "logs/charlm/version_0/checkpoints"

@@ -28,8 +28,8 @@ PREDICT_OPTIONS = [
     f"data.{k}"
     for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "sample_seed", "batch_size")
 ]
-# A run with a fuzzed value that is accepted ends after 6 batches, whatever max_steps or accumulation say.
-STOP = json.dumps([{"class_path": "tests.test_fuzz.StopAfterBatches", "init_args": {"batches": 6}}])
+# A run with a fuzzed value that is accepted ends after 4 batches, whatever max_steps or accumulation say.
+STOP = json.dumps([{"class_path": "tests.test_fuzz.StopAfterBatches", "init_args": {"batches": 4}}])
 
 
 class StopAfterBatches(L.Callback):
@@ -69,13 +69,15 @@ FIT = [
     "--trainer.val_check_interval",
     "2",
     "--trainer.limit_val_batches",
-    "2",
+    "1",
+    "--trainer.num_sanity_val_steps",
+    "0",
     "--trainer.logger",
     "false",
     "--sample.every_n_steps",
-    "3",
+    "2",
     "--sample.max_new_tokens",
-    "4",
+    "2",
     "--trainer.callbacks",
     STOP,
 ]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_charlm import GPTLM
-from tests.conftest import CHARLM, make_corpus, run_charlm
+from tests.conftest import CHARLM, charlm_main, make_corpus
 from tests.test_cli import TINY
 
 REPO = str(Path(__file__).resolve().parents[1])
@@ -54,7 +54,7 @@ def reference(tmp_path_factory, request) -> dict:
     """An uninterrupted 40-step run."""
     tmp = tmp_path_factory.mktemp("reference")
     corpus = request.getfixturevalue("module_corpus")
-    res = run_charlm("fit", *RUN, "--data.path", str(corpus), cwd=tmp, env=ENV)
+    res = charlm_main("fit", *RUN, "--data.path", str(corpus), cwd=tmp)
     assert res.returncode == 0, res.stderr
     return last(tmp)
 
@@ -66,10 +66,10 @@ def module_corpus(tmp_path_factory) -> Path:
 
 def test_resume_after_callback_stop_is_bitwise_exact(tmp_path, module_corpus, reference):
     data = ["--data.path", str(module_corpus)]
-    first = run_charlm("fit", *RUN, *data, *callbacks("StopAtStep", step=20), cwd=tmp_path, env=ENV)
+    first = charlm_main("fit", *RUN, *data, *callbacks("StopAtStep", step=20), cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert last(tmp_path)["global_step"] == 20
-    second = run_charlm("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
+    second = charlm_main("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert not (tmp_path / "logs/charlm/version_1").exists()  # continued in the same run folder
     assert len(list((tmp_path / "logs/charlm/version_0").glob("events.out.tfevents.*"))) == 2
@@ -90,7 +90,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, module_corpus, referenc
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last(tmp_path)["global_step"] == 20
-    resumed = run_charlm("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
+    resumed = charlm_main("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_params(last(tmp_path), reference)
 
@@ -119,13 +119,13 @@ def test_signal_saves_last_and_resumes_exactly(sig, tmp_path, module_corpus, ref
     assert proc.returncode != 0 and "--ckpt_path last" in err and "Traceback" not in err
     stopped_at = last(tmp_path)["global_step"]
     assert 15 <= stopped_at < 40
-    resumed = run_charlm("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
+    resumed = charlm_main("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_params(last(tmp_path), reference)
 
 
 def test_last_with_no_run_is_a_clear_error(tmp_path, corpus):
-    res = run_charlm("fit", *TINY, "--data.path", str(corpus), "--ckpt_path", "last", cwd=tmp_path)
+    res = charlm_main("fit", *TINY, "--data.path", str(corpus), "--ckpt_path", "last", cwd=tmp_path)
     assert res.returncode != 0 and "no run to resume" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "logs").exists()
 
@@ -135,7 +135,7 @@ def test_truncated_and_pickled_checkpoints_are_refused(tmp_path, reference):
     torch.save(reference, good)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    res = run_charlm("predict", "--ckpt_path", str(truncated), "--trainer.logger", "false", cwd=tmp_path)
+    res = charlm_main("predict", "--ckpt_path", str(truncated), "--trainer.logger", "false", cwd=tmp_path)
     assert res.returncode != 0 and "truncated.ckpt" in res.stderr and "Traceback" not in res.stderr
 
     marker = tmp_path / "PWNED"
@@ -147,7 +147,7 @@ def test_truncated_and_pickled_checkpoints_are_refused(tmp_path, reference):
     evil = tmp_path / "evil.ckpt"
     torch.save({**reference, "extra": Payload()}, evil)
     for cmd in (["predict", "--trainer.logger", "false"], ["fit", *TINY]):
-        res = run_charlm(*cmd, "--ckpt_path", str(evil), cwd=tmp_path)
+        res = charlm_main(*cmd, "--ckpt_path", str(evil), cwd=tmp_path)
         assert res.returncode != 0 and "refused to load" in res.stderr and "Traceback" not in res.stderr
     with pytest.raises(pickle.UnpicklingError):
         GPTLM.load_from_checkpoint(evil, weights_only=True)

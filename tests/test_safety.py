@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_charlm.cli import main
-from tests.conftest import CHARLM, make_corpus, run_charlm
+from tests.conftest import CHARLM, charlm_main, make_corpus, run_charlm
 from tests.test_cli import TINY, scalars
 from tests.test_errors import snapshot
 from tests.test_resume import ENV, callbacks
@@ -32,7 +32,7 @@ def test_resume_never_replaces_a_better_best(case, tmp_path, corpus):
     staging = tmp_path / "tmpdir"  # Lightning's own writer stages every checkpoint in $TMPDIR first
     staging.mkdir()
     env = ENV | {"TMPDIR": str(staging)}
-    first = run_charlm(*args, *callbacks("StopAtStep", step=20), cwd=home, env=env)
+    first = charlm_main(*args, *callbacks("StopAtStep", step=20), cwd=home)
     assert first.returncode == 0, first.stderr
     root = home / "logs/charlm/version_0"
     best = root / "checkpoints/best.ckpt"
@@ -52,7 +52,7 @@ def test_resume_never_replaces_a_better_best(case, tmp_path, corpus):
 
 
 def test_predict_checks_every_prompt_before_generating(tmp_path, corpus, monkeypatch, capsys):
-    fit = run_charlm("fit", *TINY, "--data.path", str(corpus), *STEPS, cwd=tmp_path)
+    fit = charlm_main("fit", *TINY, "--data.path", str(corpus), *STEPS, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr
     monkeypatch.chdir(tmp_path)
     best = "logs/charlm/version_0/checkpoints/best.ckpt"
@@ -124,7 +124,7 @@ def test_a_second_process_cannot_write_a_run_folder_in_use(stopped_run, tmp_path
         deadline = time.time() + 120
         while time.time() < deadline and not (lock.exists() and lock.read_text().strip() == str(first.pid)):
             time.sleep(0.2)
-        second = run_charlm(*args, cwd=run, env=ENV)
+        second = charlm_main(*args, cwd=run)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"in use by another charlm process (PID {first.pid})" in second.stderr
     finally:
@@ -141,9 +141,7 @@ def test_a_full_disk_is_one_clear_error_and_keeps_the_checkpoints(stopped_run, t
     before = {name: (ckpts / name).read_bytes() for name in ("best.ckpt", "last.ckpt")}
     for name in before:  # every checkpoint write: ENOSPC
         (ckpts / f"{name}.tmp").symlink_to("/dev/full")
-    res = run_charlm(
-        "fit", *TINY, "--data.path", "corpus.txt", *STEPS, "--ckpt_path", "last", cwd=run, env=ENV
-    )
+    res = charlm_main("fit", *TINY, "--data.path", "corpus.txt", *STEPS, "--ckpt_path", "last", cwd=run)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert re.search(r"cannot write the checkpoint .*\.ckpt \(No space left on device\)", res.stderr)
     assert {name: (ckpts / name).read_bytes() for name in before} == before
