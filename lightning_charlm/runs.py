@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,17 @@ def check_checkpoint(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise CharLMError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        if "global" not in str(err).lower():  # not a pickle at all, rather than a pickle that calls code
-            raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
-        raise CharLMError(
-            f"refused to load {path}: it holds objects other than tensors and primitives, which could run "
-            f"code when unpickled ({str(err).splitlines()[0]})"
-        ) from None
+        # What the pickle would import, read without running any of it: anything beyond tensors and
+        # primitives could run code when unpickled.
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        ckpt = None if unsafe else torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated zip, random bytes, ...: torch raises several types
         raise CharLMError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
+    if unsafe:
+        raise CharLMError(
+            f"refused to load {path}: it holds objects other than tensors and primitives "
+            f"({', '.join(unsafe)}), which could run code when unpickled"
+        )
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CharLMError(f"{path} is not a Lightning checkpoint (no state_dict)")
     missing = [k for k in ("pytorch-lightning_version", "hyper_parameters") if k not in ckpt]

@@ -71,6 +71,7 @@ def generate(
     cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
     start, fed = max(0, idx.size(1) - block), 0  # window start; tokens of the window already cached
     stop = torch.tensor(stop_ids or [], device=idx.device)
+    prompt_len = idx.size(1)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     finite = torch.ones((), dtype=torch.bool, device=idx.device)  # checked once at the end: no sync per token
     for _ in range(max_new_tokens):
@@ -91,7 +92,7 @@ def generate(
         finite &= ok.all()
         logits = torch.where(ok, logits, 0.0)
         idx = torch.cat([idx, next_token(logits, temperature, top_k, top_p, generator)], dim=1)
-        if len(stop) and idx.size(1) >= len(stop):
+        if len(stop) and idx.size(1) - prompt_len >= len(stop):  # the stop string within the continuation
             done |= (idx[:, -len(stop) :] == stop).all(-1)
             if done.all():
                 break
@@ -129,7 +130,10 @@ def sample_text(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     encoded = [tokenizer.encode(p).long() if p else torch.tensor([tokenizer.start_id]) for p in prompts]
-    stop_ids = tokenizer.encode(stop).tolist() if stop else None
+    try:
+        stop_ids = tokenizer.encode(stop).tolist() if stop else None
+    except CharLMError as err:
+        raise CharLMError(f"the stop string {stop!r} cannot be generated: {err}") from None
     out: list[str] = [""] * len(prompts)
     for length in sorted({len(e) for e in encoded}):
         rows = [i for i, e in enumerate(encoded) if len(e) == length]

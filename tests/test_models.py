@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_charlm import GPTLM
 from lightning_charlm.models import GPT, Bigram, GPTConfig
 from lightning_charlm.sampling import filter_logits, generate, sample_text
 from lightning_charlm.tokenizer import CharTokenizer
@@ -101,19 +102,40 @@ def test_same_seed_same_sample_and_stop_string():
     c = sample_text(model, tok, ["ab", "", "abc"], 30, temperature=1.0, seed=8)
     assert a == b and a != c
     assert all(len(t) == 30 for t in a)
-    stopped = sample_text(model, tok, ["ab"] * 4, 30, temperature=1.0, seed=7, stop="a")
-    assert all(t.endswith("a") and t.count("a") == 1 for t in stopped if "a" in t)
+
+
+def cycle(text: str) -> tuple[Bigram, CharTokenizer]:
+    """A bigram that always continues `text` as a cycle (each character -> the next one), whatever the
+    sampling settings: its outputs are known exactly."""
+    tok = CharTokenizer("".join(sorted(set(text))))
+    model = Bigram(len(tok))
+    with torch.no_grad():
+        model.table.weight.fill_(-1e4)
+        for a, b in zip(text, text[1:] + text[0], strict=True):
+            model.table.weight[int(tok.encode(a)[0]), int(tok.encode(b)[0])] = 1e4
+    return model.eval(), tok
+
+
+def test_stop_string_cuts_after_its_first_appearance_in_the_continuation():
+    model, tok = cycle("abcd")
+    texts = sample_text(model, tok, ["a", "c"], 20, temperature=1.0, seed=0, stop="da")
+    assert texts == ["bcda", "da"]  # cut right after the stop string, which is kept
+    # A stop string that spans the prompt's end ("...a" + "b") does not count: only the continuation's.
+    assert sample_text(model, tok, ["a"], 20, temperature=0, stop="ab") == ["bcdab"]
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    grads = []
+    grads, block_runs = [], []
     for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = GPT(
-            GPTConfig(11, 16, n_layer=2, n_head=2, n_embd=32, dropout=0.1, checkpointing=checkpointing)
-        )
+        torch.manual_seed(0)  # through the LightningModule, as --model.checkpointing reaches the net
+        lm = GPTLM("abcdefghijk", block_size=16, n_layer=2, n_head=2, n_embd=32, checkpointing=checkpointing)
+        net, runs = lm.net, []
+        for block in net.blocks:  # a pre-hook: the recomputation stops early, before forward hooks would run
+            block.register_forward_pre_hook(lambda module, args, runs=runs: runs.append(1))
         torch.manual_seed(1)  # same dropout masks in both runs
         idx = torch.randint(11, (4, 16))
-        F.cross_entropy(model(idx).flatten(0, 1), idx.roll(1).flatten()).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
+        F.cross_entropy(net(idx).flatten(0, 1), idx.roll(1).flatten()).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+        block_runs.append(len(runs))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+    assert block_runs == [2, 4]  # with checkpointing each block's forward runs again in the backward pass
