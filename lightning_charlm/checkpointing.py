@@ -101,6 +101,19 @@ class Checkpoint(ModelCheckpoint):
             # ModelCheckpoint skips validation-time saves at a step it already saved: keep best.ckpt possible.
             self._last_global_step_saved, self._last_periodic_step = saved, step
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # Lightning 2.6 writes last.ckpt at a validation only when best.ckpt was written too: write it at
+        # every validation, so a run that stops without improving (early stopping) keeps its latest state.
+        self._save_last_if_due(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_last_if_due(trainer)  # the final step, when it fell between validations and periodic saves
+
+    def _save_last_if_due(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         sigterm = signal.getsignal(signal.SIGTERM)  # Lightning's handler: sets trainer.received_sigterm
         if callable(sigterm):
