@@ -78,6 +78,10 @@ class Checkpoint(ModelCheckpoint):
             }
         super().load_state_dict(state_dict)
 
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
+        """Lightning warns when the checkpoint folder holds files: here that only happens on a resume into
+        the run's own folder, which is the point (a new run always gets a new version_N)."""
+
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         self._raise_if_nonfinite(trainer)
         super()._save_checkpoint(trainer, filepath)

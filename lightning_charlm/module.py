@@ -157,14 +157,17 @@ class CharLM(L.LightningModule):
         if rng is None:
             return
         rank = self.global_rank
-
-        def row(states: torch.Tensor) -> torch.Tensor:  # (world, n) or (n,) for one process
+        rows = rng["cpu"] if rng["cpu"].dim() == 2 else rng["cpu"][None]  # (saved ranks, n)
+        if rank < len(rows):
             # A copy: set_rng_state reads the storage from its start, so a view at an offset would crash.
-            return (states if states.dim() == 1 else states[rank % len(states)]).clone()
-
-        torch.set_rng_state(row(rng["cpu"]))
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(row(rng["cuda"]), self.device)
+            torch.set_rng_state(rows[rank].clone())
+            if "cuda" in rng and self.device.type == "cuda":
+                cuda = rng["cuda"] if rng["cuda"].dim() == 2 else rng["cuda"][None]
+                torch.cuda.set_rng_state(cuda[rank].clone(), self.device)
+        else:  # a run resumed on more ranks than saved it: a new rank's stream, distinct from the others
+            saved = torch.Generator()
+            saved.set_state(rows[0].clone())
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=saved)) + rank)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[tuple[str, str]]:
         settings = dict(batch)

@@ -44,7 +44,7 @@ def make_corpus(folder: Path) -> Path:
 def run_charlm(
     *args: str, cwd: Path, env: dict | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
-    full_env = os.environ | {"PYTHONWARNINGS": "ignore"} | (env or {})
+    full_env = os.environ | (env or {})  # warnings stay visible: some are the sign of a real problem
     return subprocess.run(
         [CHARLM, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import charlm_main, make_corpus, run_charlm
-from tests.test_cli import TINY
+from tests.test_cli import TINY, scalars
 from tests.test_resume import ENV, callbacks
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
@@ -64,8 +64,8 @@ def test_ddp_validate_equals_single_process(ddp_run):
     one = charlm_main(*args, cwd=tmp)
     assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
     assert abs(val_loss(two.stdout) - val_loss(one.stdout)) < 1e-5
-    saved = torch.load(best, weights_only=True)
-    assert saved["rng"]["cpu"].shape[0] == 2  # one RNG state per rank
+    rng = torch.load(best, weights_only=True)["rng"]["cpu"]
+    assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # each rank's own RNG state
 
 
 def test_ddp_resume_is_exact(ddp_run, tmp_path):
@@ -87,10 +87,20 @@ def test_single_process_checkpoint_resumes_under_ddp(ddp_run, tmp_path):
     data = ["--data.path", str(corpus)]
     one = charlm_main("fit", *RUN, *data, *callbacks("StopAtStep", step=10), cwd=tmp_path)
     assert one.returncode == 0, one.stderr
+    last = tmp_path / "logs/charlm/version_0/checkpoints/last.ckpt"
+    before = torch.load(last, weights_only=True)
     two = run_charlm("fit", *RUN, *DDP, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
     assert two.returncode == 0, two.stderr
-    resumed = torch.load(tmp_path / "logs/charlm/version_0/checkpoints/last.ckpt", weights_only=True)
-    assert resumed["global_step"] == 20 and resumed["rng"]["cpu"].shape[0] == 2
+    resumed = torch.load(last, weights_only=True)
+    assert before["global_step"] == 10 and resumed["global_step"] == 20
+    rng = resumed["rng"]["cpu"]
+    assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # now one state per rank, each its own
+    moved = [
+        k for k in before["state_dict"] if not torch.equal(before["state_dict"][k], resumed["state_dict"][k])
+    ]
+    assert moved  # the two processes trained the single-process weights on
+    val = [e.value for e in scalars(tmp_path / "logs/charlm/version_0").Scalars("val/loss")]
+    assert len(val) == 2 and val[1] < val[0]
 
 
 def test_ddp_predict_writes_one_file_per_rank(ddp_run, tmp_path):
