@@ -16,9 +16,7 @@ import tempfile
 import torch
 from _env import describe
 
-from lightning_charlm.cli import CharLMCLI, CharLMParser
-from lightning_charlm.data import CharDataModule
-from lightning_charlm.module import CharLM
+from lightning_charlm.cli import cli
 
 
 def peak_memory(config: str, steps: int, overrides: list[str]) -> tuple[str, float, float]:
@@ -27,13 +25,8 @@ def peak_memory(config: str, steps: int, overrides: list[str]) -> tuple[str, flo
     torch.cuda.empty_cache()  # reserved memory left by earlier work in this process must not count
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        cli = CharLMCLI(
-            CharLM,
-            CharDataModule,
-            subclass_mode_model=True,
+        built = cli(
             run=False,
-            parser_class=CharLMParser,
-            auto_configure_optimizers=False,
             args=[
                 "-c",
                 config,
@@ -48,16 +41,16 @@ def peak_memory(config: str, steps: int, overrides: list[str]) -> tuple[str, flo
                 *overrides,
             ],
         )
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        built.trainer.fit(built.model, datamodule=built.datamodule)
     allocated, reserved = (
         f() / 2**30 for f in (torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved)
     )
-    hp, dm = cli.model.hparams, cli.datamodule.hparams
+    hp, dm = built.model.hparams, built.datamodule.hparams
     what = (
         f"{hp.n_layer}L {hp.n_head}H {hp.n_embd}w block {dm.block_size}, batch {dm.batch_size} x "
-        f"{cli.trainer.accumulate_grad_batches}, checkpointing {hp.get('checkpointing', False)}"
+        f"{built.trainer.accumulate_grad_batches}, checkpointing {hp.get('checkpointing', False)}"
     )
-    del cli
+    del built
     return what, allocated, reserved
 
 

@@ -254,29 +254,29 @@ def _resolve(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def cli(args: list[str] | None = None, run: bool = True) -> CharLMCLI:
+    """The `charlm` CLI with every house default; `run=False` only builds the objects (tests, benchmarks)."""
+    return CharLMCLI(
+        CharLM,
+        CharDataModule,
+        subclass_mode_model=True,
+        parser_class=CharLMParser,
+        parser_kwargs={"prog": "charlm", "description": "Train and sample character-level language models."},
+        # Callbacks in trainer_defaults must be instances; they are added to those the config lists.
+        trainer_defaults=TRAINER_DEFAULTS
+        | {"precision": default_precision(), "callbacks": [TokensPerSecond()]},
+        auto_configure_optimizers=False,  # the module's own AdamW + warmup/cosine, stepped per step
+        seed_everything_default=1337,
+        save_config_callback=SaveRunConfig,
+        save_config_kwargs={"overwrite": True},  # a resumed run writes into its own folder again
+        run=run,
+        args=args,
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     try:
-        CharLMCLI(
-            CharLM,
-            CharDataModule,
-            subclass_mode_model=True,
-            parser_class=CharLMParser,
-            parser_kwargs={
-                "prog": "charlm",
-                "description": "Train and sample character-level language models.",
-            },
-            # Callbacks in trainer_defaults must be instances; they are added to those the config lists.
-            trainer_defaults=TRAINER_DEFAULTS
-            | {
-                "precision": default_precision(),
-                "callbacks": [TokensPerSecond()],
-            },
-            auto_configure_optimizers=False,  # the module's own AdamW + warmup/cosine, stepped per step
-            seed_everything_default=1337,
-            save_config_callback=SaveRunConfig,
-            save_config_kwargs={"overwrite": True},  # a resumed run writes into its own folder again
-            args=args,
-        )
+        cli(args)
     except Exception as err:
         message = user_error(err)
         if message is None:

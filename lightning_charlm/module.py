@@ -273,7 +273,7 @@ class GPTLM(CharLM):
         compile: bool = False,
     ):
         """checkpointing: recompute activations in the backward pass (activation checkpointing) to fit
-        larger blocks and batches in less memory, at about a third more compute."""
+        larger blocks and batches in less memory, for one more forward pass of each block."""
         super().__init__(
             vocab, lr, min_lr, warmup_steps, weight_decay, betas, label_smoothing, fused, compile
         )

@@ -1,36 +1,50 @@
-"""Every YAML in configs/ parses and instantiates model, data and trainer."""
+"""Every YAML in configs/ builds model, data and trainer with `charlm`'s own defaults, and says what the
+README's configs table says of it."""
 
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import EarlyStopping
 
-from lightning_charlm.cli import CharLMCLI
-from lightning_charlm.data import CharDataModule
-from lightning_charlm.module import CharLM
+from lightning_charlm import GPTLM, BigramLM, CharLM
+from lightning_charlm.callbacks import SampleText, TokensPerSecond
+from lightning_charlm.checkpointing import Checkpoint
+from lightning_charlm.cli import cli
 from tests.conftest import needs_shakespeare
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+# The README's table: model class, (n_layer, n_head, n_embd, block_size) and the training settings it names.
+README = {
+    "bigram.yaml": (BigramLM, None, dict(lr=0.1, max_steps=1500)),
+    "gpt-cpu.yaml": (GPTLM, (4, 4, 128, 128), dict(batch_size=32, max_steps=2000)),
+    "gpt.yaml": (GPTLM, (6, 6, 384, 256), dict(batch_size=128, lr=1.5e-3, dropout=0.2, val_every=125)),
+    "seed.yaml": (GPTLM, (4, 4, 256, 256), dict(batch_size=256, lr=6e-4, dropout=0.1, label_smoothing=0.1)),
+    "seed-large.yaml": (GPTLM, (6, 8, 512, 512), dict(batch_size=32, accumulate=8, checkpointing=True)),
+}
 
 
-def test_there_are_configs():
-    assert {p.name for p in CONFIGS} >= {"bigram.yaml", "gpt.yaml", "gpt-cpu.yaml", "seed.yaml"}
+def test_every_config_is_in_the_readme():
+    assert {p.name for p in CONFIGS} == set(README)
 
 
 @needs_shakespeare
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_instantiates(config, tmp_path, monkeypatch):
+def test_config_builds_with_the_house_defaults(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = CharLMCLI(
-        CharLM,
-        CharDataModule,
-        subclass_mode_model=True,
-        run=False,
-        auto_configure_optimizers=False,
-        args=["-c", str(config), "--trainer.accelerator", "cpu"],
-    )
-    assert isinstance(cli.model, CharLM)
-    assert cli.model.hparams.vocab == cli.datamodule.vocab and len(cli.datamodule.vocab) == 65
-    assert cli.trainer.max_steps > 0
-    assert cli.trainer.logger.save_dir == "logs"
-    if "block_size" in cli.model.hparams:
-        assert cli.model.hparams.block_size >= cli.datamodule.hparams.block_size
+    built = cli(["-c", str(config), "--trainer.accelerator", "cpu"], run=False)
+    model, data, trainer = built.model, built.datamodule, built.trainer
+    cls, shape, settings = README[config.name]
+    assert type(model) is cls and isinstance(model, CharLM)
+    assert model.hparams.vocab == data.vocab and len(data.vocab) == 65
+    if shape:
+        hp = model.hparams
+        assert (hp.n_layer, hp.n_head, hp.n_embd, hp.block_size) == shape
+        assert data.hparams.block_size == hp.block_size
+    values = {**model.hparams, **data.hparams, "max_steps": trainer.max_steps}
+    values |= {"val_every": trainer.val_check_interval, "accumulate": trainer.accumulate_grad_batches}
+    assert {k: values[k] for k in settings} == settings
+    # main()'s defaults, which the README describes once for all configs
+    assert trainer.gradient_clip_val == 1.0 and trainer.precision == "32-true"
+    assert trainer.logger.save_dir == "logs" and trainer.logger.name == config.stem
+    kinds = {type(c) for c in trainer.callbacks}
+    assert {Checkpoint, EarlyStopping, SampleText, TokensPerSecond} <= kinds

@@ -19,7 +19,7 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
-    # Recompute each block's activations in backward: less memory for about a third more compute.
+    # Recompute each block's activations in backward: less memory for one more forward pass of each block.
     checkpointing: bool = False
 
 
