@@ -54,7 +54,8 @@ class PoisonAtStep(L.Callback):
 
 
 class RecordDropout(L.Callback):
-    """Saves, at `step`, which inputs the GPT's embedding dropout zeroed on this rank (to `path`.rankN.pt)."""
+    """Saves, at `step`, which inputs the GPT's embedding dropout zeroed on this rank and the windows it
+    trained on (to `path`.rankN.pt)."""
 
     def __init__(self, step: int, path: str):
         self.step, self.path = step, path
@@ -62,9 +63,12 @@ class RecordDropout(L.Callback):
     def on_train_start(self, trainer, pl_module):
         def hook(module, args, out):
             if trainer.global_step == self.step:
-                torch.save(out == 0, f"{self.path}.rank{trainer.global_rank}.pt")
+                torch.save({"mask": out == 0, "x": self.batch}, f"{self.path}.rank{trainer.global_rank}.pt")
 
         pl_module.net.drop.register_forward_hook(hook)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch[0]
 
 
 class CountGraphs(L.Callback):

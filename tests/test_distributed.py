@@ -40,11 +40,14 @@ def ddp_run(tmp_path_factory):
     return tmp, corpus
 
 
-def test_dropout_masks_differ_between_ranks(ddp_run):
+def test_each_rank_draws_its_own_dropout_masks_and_windows(ddp_run):
     tmp, _ = ddp_run
     rank0, rank1 = (torch.load(tmp / f"mask.rank{r}.pt") for r in (0, 1))
-    assert rank0.shape == rank1.shape and 0 < rank0.float().mean() < 0.3  # dropout 0.1 ran on both
-    assert not torch.equal(rank0, rank1)
+    assert (
+        rank0["mask"].shape == rank1["mask"].shape and 0 < rank0["mask"].float().mean() < 0.3
+    )  # dropout ran
+    assert not torch.equal(rank0["mask"], rank1["mask"])
+    assert not torch.equal(rank0["x"], rank1["x"])  # different training windows
 
 
 def test_ddp_validate_equals_single_process(ddp_run):

@@ -45,6 +45,8 @@ def assert_same_params(a: dict, b: dict) -> None:
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    # EarlyStopping (patience count, best score) and checkpoint state as if never interrupted
+    assert a["callbacks"] == b["callbacks"]
 
 
 @pytest.fixture(scope="module")
