@@ -46,8 +46,8 @@ class TokensPerSecond(L.Callback):
         if self._t0 is not None:
             rate = self._tokens / (now - self._t0)
             pl_module.log("train/tokens_per_s", rate, prog_bar=True, logger=False)
-            if trainer.logger is not None and trainer.is_global_zero:
-                trainer.logger.log_metrics({"train/tokens_per_s": rate}, step)
+            if trainer.logger is not None and trainer.is_global_zero:  # at the step index train/loss gets
+                trainer.logger.log_metrics({"train/tokens_per_s": rate}, step - 1)
         self._t0, self._tokens, self._last_step = now, 0, step
 
 
@@ -97,9 +97,9 @@ class SampleText(L.Callback):
         prompt: str = "",
         seed: int = 0,
     ):
-        if every_n_steps < 1 or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        if every_n_steps < 0 or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise CharLMError(
-                "sample.every_n_steps must be >= 1 and sample.max_new_tokens between 1 and "
+                "sample.every_n_steps must be >= 0 (0: no samples) and sample.max_new_tokens between 1 and "
                 f"{MAX_NEW_TOKENS:,}"
             )
         check_settings(temperature, top_k, None)
@@ -112,7 +112,8 @@ class SampleText(L.Callback):
         # Under FSDP each rank holds a shard of the weights: every rank gathers them (a collective) and
         # generates the same text; elsewhere rank 0 alone generates, and the others never wait on it.
         sharded = isinstance(trainer.model, FullyShardedDataParallel)
-        due = step and step % self.every_n_steps == 0 and step != self._last_step  # not before a step
+        every = self.every_n_steps  # 0: no samples
+        due = every and step and step % every == 0 and step != self._last_step  # not before a step
         if not due or not (trainer.is_global_zero or sharded):
             return
         if not all(p.isfinite().all() for p in pl_module.parameters()):

@@ -97,6 +97,8 @@ class Checkpoint(ModelCheckpoint):
         self._bad_step = torch.where(~loss.isfinite() & (self._bad_step < 0), current, self._bad_step)
         if trainer.global_step % trainer.log_every_n_steps == 0:
             self._raise_if_nonfinite(trainer)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True  # so Lightning validates at the final step too: best.ckpt and val/loss
         super().on_train_batch_end(trainer, pl_module, outputs, *args)
         n, step = self.last_every_n_steps, trainer.global_step
         if self.save_last and n and step % n == 0 and step != self._last_periodic_step:

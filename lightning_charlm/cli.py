@@ -5,9 +5,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -274,7 +276,22 @@ def cli(args: list[str] | None = None, run: bool = True) -> CharLMCLI:
     )
 
 
+NOISE = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:", "LOCAL_RANK:")
+
+
+def _quiet() -> None:
+    """Drop the lines Lightning prints on every command that say nothing about this run (devices it does not
+    use, an advertisement, a deprecation inside Lightning itself)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith(NOISE)
+    )
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if torch.cuda.is_available():  # TF32 for fp32 matrix products; Lightning asks for it on every run
+        torch.set_float32_matmul_precision("high")
+
+
 def main(args: list[str] | None = None) -> None:
+    _quiet()
     try:
         cli(args)
     except Exception as err:

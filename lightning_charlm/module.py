@@ -71,6 +71,15 @@ class CharLM(L.LightningModule):
     def build_net(self, vocab_size: int) -> nn.Module:
         raise NotImplementedError
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any) -> CharLM:
+        """As Lightning's; called on CharLM itself, it loads whichever model the checkpoint holds."""
+        if cls is not CharLM:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        hp = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+        model = GPTLM if hp.get("_class_path", "").endswith("GPTLM") or "n_layer" in hp else BigramLM
+        return model.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def check_data(self, dm) -> None:
         """Raise a CharLMError if the datamodule's windows do not suit this model (the GPT's context)."""
 

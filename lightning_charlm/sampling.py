@@ -17,7 +17,8 @@ def check_settings(temperature: float, top_k: int | None, top_p: float | None, v
     if not temperature >= 0:  # nan fails too
         raise CharLMError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= (vocab_size or top_k):
-        raise CharLMError(f"top_k must be between 1 and the vocabulary size ({vocab_size}), got {top_k}")
+        limit = f"between 1 and the vocabulary size ({vocab_size})" if vocab_size else ">= 1"
+        raise CharLMError(f"top_k must be {limit}, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise CharLMError(f"top_p must be in (0, 1], got {top_p}")
 

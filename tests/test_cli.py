@@ -60,6 +60,13 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus):
         cwd=tmp_path,
     )
     assert fit.returncode == 0, fit.stderr
+    for noise in (
+        "GPU available",
+        "litlogger",
+        "LeafSpec",
+        "exists and is not empty",
+    ):  # nothing about this run
+        assert noise not in fit.stdout + fit.stderr
     run = tmp_path / "logs" / "charlm" / "version_0"
     assert (run / "config.yaml").is_file()
     best, last = run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt"
@@ -68,6 +75,8 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus):
     tags = set(ea.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/ppl", "val/bpc", "train/tokens_per_s"} <= tags
     assert all(e.value > 0 for e in ea.Scalars("train/tokens_per_s"))
+    steps = {tag: [e.step for e in ea.Scalars(tag)] for tag in ("train/loss", "train/tokens_per_s", "lr")}
+    assert steps["train/tokens_per_s"] == [49] and steps["train/loss"] == steps["lr"] == [49, 59]  # one grid
     assert "lr" in tags
     assert "samples/text_summary" in ea.Tags()["tensors"]
     val = [e.value for e in ea.Scalars("val/loss")]

@@ -78,7 +78,7 @@ CASES = {
         r"data\.max_new_tokens must be a positive",
     ),
     "temperature negative": ([*PREDICT, "--data.temperature", "-1"], r"temperature must be >= 0"),
-    "top_k zero": ([*PREDICT, "--data.top_k", "0"], r"top_k must be between 1 and"),
+    "top_k zero": ([*PREDICT, "--data.top_k", "0"], r"top_k must be >= 1, got 0"),
     "top_k above vocabulary": ([*PREDICT, "--data.top_k", "500"], r"top_k must be between 1 and .*\(\d+\)"),
     "top_p zero": ([*PREDICT, "--data.top_p", "0"], r"top_p must be in \(0, 1\]"),
     "top_p above one": ([*PREDICT, "--data.top_p", "1.5"], r"top_p must be in \(0, 1\]"),
@@ -130,7 +130,7 @@ CASES = {
         [*FIT, "--model.betas", "[2.0, 0.5]"],
         r"model\.betas must be two numbers in \[0, 1\)",
     ),
-    "sample every 0 steps": ([*FIT, "--sample.every_n_steps", "0"], r"sample\.every_n_steps must be >= 1"),
+    "sample every -1 steps": ([*FIT, "--sample.every_n_steps", "-1"], r"sample\.every_n_steps must be >= 0"),
     "val_check_interval 0": (
         [*FIT, "--trainer.val_check_interval", "0"],
         r"val_check_interval must be a number",

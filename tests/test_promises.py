@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lightning_charlm import corpus
 from lightning_charlm.models import GPT, GPTConfig
-from lightning_charlm.module import GPTLM
+from lightning_charlm.module import GPTLM, CharLM
 from lightning_charlm.sampling import generate
 from tests.conftest import charlm_main, tiny_shakespeare
 from tests.test_cli import TINY, scalars
@@ -175,3 +175,21 @@ def test_download_is_verified_and_failures_are_one_clear_error(tmp_path, monkeyp
         assert not cached.exists() and not list(cached.parent.glob("*.part"))
     monkeypatch.setattr(corpus, "TINY_SHAKESPEARE_URL", good.as_uri())
     assert corpus.default_corpus() == cached and cached.read_bytes() == good.read_bytes()
+
+
+def test_charlm_loads_whichever_model_a_checkpoint_holds(trained):
+    model = CharLM.load_from_checkpoint(trained)
+    assert type(model) is GPTLM
+    saved = torch.load(trained, weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_fit_validates_at_its_last_step(tmp_path, corpus):
+    """25 steps with validation every 10: a last validation at step 25, so best.ckpt and the final
+    val/loss are right; --sample.every_n_steps 0 turns samples off."""
+    run = fit(tmp_path, corpus, "--trainer.max_steps", "25", "--sample.every_n_steps", "0")
+    ea = scalars(run)
+    assert [e.step + 1 for e in ea.Scalars("val/loss")] == [10, 20, 25]
+    assert "samples/text_summary" not in ea.Tags()["tensors"]
+    last = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 25
