@@ -1,8 +1,21 @@
 """lightning_charlm: character-level bigram and GPT language models on PyTorch Lightning."""
 
-from lightning_charlm.data import CharDataModule
-from lightning_charlm.module import GPTLM, BigramLM, CharLM
-from lightning_charlm.sampling import generate, sample_text
-from lightning_charlm.tokenizer import CharTokenizer
+import importlib
 
-__all__ = ["BigramLM", "CharDataModule", "CharLM", "CharTokenizer", "GPTLM", "generate", "sample_text"]
+# Imported on first use: `charlm --help` must not wait seconds for torch and Lightning to import.
+_HOMES = {
+    "BigramLM": "module",
+    "CharDataModule": "data",
+    "CharLM": "module",
+    "CharTokenizer": "tokenizer",
+    "GPTLM": "module",
+    "generate": "sampling",
+    "sample_text": "sampling",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lightning_charlm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lightning_charlm.{_HOMES[name]}"), name)

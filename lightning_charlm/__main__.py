@@ -1,5 +1,44 @@
-"""`python -m lightning_charlm` is the `charlm` command."""
+"""The `charlm` command (also `python -m lightning_charlm`). The overview (`charlm`, `charlm --help`) is
+printed without importing torch or Lightning, which take seconds; everything else is cli.main's."""
 
-from lightning_charlm.cli import main
+from __future__ import annotations
 
-main()
+import sys
+
+SUBCOMMANDS = {
+    "fit": "train a model, or resume one with --ckpt_path (a file, or `last`)",
+    "validate": "score a checkpoint on the held-out 10%: val/loss, val/ppl, val/bpc",
+    "predict": "generate text from a checkpoint alone (--ckpt_path, --data.prompts)",
+}
+
+_LINES = "".join(f"  {name:<10}{text}\n" for name, text in SUBCOMMANDS.items())
+OVERVIEW = f"""usage: charlm {{{",".join(SUBCOMMANDS)}}} [-c CONFIG] [options]
+
+Train and sample character-level language models.
+
+subcommands:
+{_LINES}
+examples:
+  charlm fit -c configs/gpt-cpu.yaml
+  charlm fit -c configs/gpt-cpu.yaml --ckpt_path last
+  charlm validate --ckpt_path logs/gpt-cpu/version_0/checkpoints/best.ckpt
+  charlm predict --ckpt_path logs/gpt-cpu/version_0/checkpoints/best.ckpt --data.prompts '["ROMEO:"]'
+
+every option of a subcommand: charlm fit --help (a model's: charlm fit --model.help GPTLM)"""
+
+
+def main(args: list[str] | None = None) -> None:
+    given = sys.argv[1:] if args is None else list(args)
+    if given in (["-h"], ["--help"]):
+        print(OVERVIEW)
+        return
+    if not given:
+        print(OVERVIEW, file=sys.stderr)
+        sys.exit(2)
+    from lightning_charlm.cli import main as run
+
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

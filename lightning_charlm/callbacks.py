@@ -1,20 +1,20 @@
-"""Side jobs only: throughput, the progress bar, SampleText (periodic samples), the prediction writer.
-(The Checkpoint callback lives in checkpointing.py.)"""
+"""Side jobs only: throughput, the progress bar, SampleText (periodic samples), the run summary.
+(The Checkpoint callback lives in checkpointing.py, the prediction writer in writer.py.)"""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lightning_charlm.errors import CharLMError
@@ -52,32 +52,78 @@ class TokensPerSecond(L.Callback):
 
 
 class StepProgressBar(RichProgressBar):
-    """Lightning's rich bar, labelled for step-based training: one endless epoch would read "Epoch 0/-2",
-    and the run's version number would show as a float metric."""
+    """Lightning's rich bar, counting optimizer steps to max_steps (one endless epoch would read "Epoch 0/-2",
+    and a resumed run "307/93"), in one line of an 80-column terminal: short metric names, no it/s column
+    (tok/s says more), a shorter bar."""
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        return "train steps"
+    SHORT = {"train/loss": "loss", "val/loss": "val", "train/tokens_per_s": "tok/s"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._metrics: dict[str, Any] | None = None
         self._read_at = 0.0
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "steps"
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        description, bar, count, _times, _speed = super().configure_columns(trainer)
+        bar.bar_width = 12
+        return [description, bar, count, ElapsedAndLeft(style=self.theme.time)]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        # Steps done, not batches of this process: right after a resume and with gradient accumulation.
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         # Turning the logged tensors into numbers waits for the GPU to finish, which would stall the
         # pipeline at every step: read them at most twice a second (and after every validation).
         now = time.monotonic()
         if self._metrics is None or now - self._read_at >= 0.5:
-            self._metrics = super().get_metrics(trainer, pl_module)
-            self._metrics.pop("v_num", None)
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)
             if getattr(pl_module, "last_train_loss", None) is not None:  # logged only now and then
-                self._metrics["train/loss"] = pl_module.last_train_loss.item()
+                metrics["train/loss"] = pl_module.last_train_loss.item()
+            self._metrics = {
+                self.SHORT.get(k, k): _short(v) for k, v in sorted(metrics.items(), key=self._order)
+            }
             self._read_at = now
         return self._metrics
+
+    def _order(self, item: tuple[str, Any]) -> int:
+        return list(self.SHORT).index(item[0]) if item[0] in self.SHORT else len(self.SHORT)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._metrics = None
         super().on_validation_end(trainer, pl_module)
+
+
+class ElapsedAndLeft(ProgressColumn):
+    """`1:28<2:16` (elapsed < remaining), as tqdm writes it: half the width of Lightning's time column."""
+
+    def __init__(self, style: Any):
+        super().__init__()
+        self.style = style
+
+    def render(self, task: Task) -> Text:
+        left = task.time_remaining
+        return Text(f"{_clock(task.elapsed)}<{'?' if left is None else _clock(left)}", style=self.style)
+
+
+def _clock(seconds: float | None) -> str:
+    minutes, secs = divmod(int(seconds or 0), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def _short(value: Any) -> Any:
+    """3 decimals for a loss; large numbers (tokens/s) as 5.6k or 1.23M."""
+    if isinstance(value, int | float) and abs(value) >= 1000:
+        return f"{value / 1e6:.2f}M" if abs(value) >= 1e6 else f"{value / 1e3:.1f}k"
+    return value
 
 
 class SampleText(L.Callback):
@@ -137,86 +183,54 @@ class SampleText(L.Callback):
             trainer.logger.experiment.add_text("samples", shown, step)
 
 
-class PredictionWriter(BasePredictionWriter):
-    """Prints each prompt and its continuation, and with `output` also writes them to that file (one per
-    rank: `NAME.rank1.txt`, ...).
+class RunSummary(L.Callback):
+    """What a run is, in one line at its start; its best val/loss and best.ckpt in one line at its end; and
+    TensorBoard's HParams tab: the run's key settings, with `hp/best_val_loss` to compare runs by."""
 
-    An existing file is replaced only with `overwrite` (a mistyped `--writer.output best.ckpt` must not cost
-    a checkpoint); that, and whether the file can be written, are checked before anything is generated. The
-    file is written as `output.tmp` and renamed when prediction ends, so a failed run (a bad prompt, say)
-    leaves an earlier file as it was.
-    """
-
-    def __init__(self, output: str | None = None, overwrite: bool = False):
-        super().__init__(write_interval="batch")
-        if output is not None and not output.strip():
-            raise CharLMError("--writer.output is empty: name a file, or leave it out to print only")
-        self.output, self.overwrite = output, overwrite
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "predict" or self.output is None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.params = self._params(trainer, pl_module)
+        line = self._line(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+        if not trainer.is_global_zero:
             return
-        path = self.path(trainer)
-        if path.is_dir():
-            raise CharLMError(f"--writer.output {path} is a directory: name a file")
-        if path.exists() and not self.overwrite:
-            raise CharLMError(
-                f"--writer.output {path} already exists: pass --writer.overwrite true to replace it, or name "
-                "another file"
-            )
-        try:  # fail now, not after generating: a missing parent is made, a file in the way is an error
-            self._tmp(trainer).parent.mkdir(parents=True, exist_ok=True)
-            self._tmp(trainer).write_text("", encoding="utf-8")
-        except OSError as err:
-            raise CharLMError(f"cannot write --writer.output {path}: {err.strerror or err}") from None
+        print(f"charlm: {line}", flush=True)
+        logger = trainer.logger
+        if not isinstance(logger, TensorBoardLogger):
+            return
+        # The plugin's three summaries (TensorBoardLogger.log_hyperparams would also write a value at step 0);
+        # the metric's values come from the hp/best_val_loss scalars the Checkpoint callback logs.
+        from torch.utils.tensorboard.summary import hparams
 
-    def path(self, trainer: L.Trainer) -> Path:
-        p = Path(self.output)
-        return p if trainer.world_size == 1 else p.with_name(f"{p.stem}.rank{trainer.global_rank}{p.suffix}")
+        for summary in hparams(self.params, {"hp/best_val_loss": 0.0}):
+            logger.experiment._get_file_writer().add_summary(summary)
 
-    def _tmp(self, trainer: L.Trainer) -> Path:
-        return self.path(trainer).with_name(self.path(trainer).name + ".tmp")
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ckpt = trainer.checkpoint_callback
+        if trainer.is_global_zero and ckpt is not None and ckpt.best_model_score is not None:
+            print(f"charlm: best val/loss {ckpt.best_model_score:.4f}: {ckpt.best_model_path}", flush=True)
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # SIGTERM or Ctrl-C: generation stops at the next token, and what was generated is written. A second
-        # Ctrl-C interrupts at once.
-        def on_signal(signum, frame):
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            pl_module.interrupted.set()
+    @staticmethod
+    def _params(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        hp, dm = pl_module.hparams, trainer.datamodule
+        model = {k: hp[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout") if k in hp}
+        return {
+            "model": type(pl_module).__name__,
+            **model,
+            **{k: hp[k] for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "label_smoothing")},
+            "parameters": sum(p.numel() for p in pl_module.parameters()),
+            "batch_size": dm.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches,
+            "max_steps": trainer.max_steps,
+            "precision": str(trainer.precision),
+            "corpus": Path(dm.hparams.path).name if dm.hparams.path else "tinyshakespeare.txt",
+            "vocab_size": len(pl_module.tokenizer.vocab),
+        }
 
-        self._handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self.written = 0
-
-    def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
-    ):
-        records = [f"{prompt}{text}\n" for prompt, text in prediction]
-        for record in records:
-            print(record, flush=True)
-        if self.output is not None:
-            with self._tmp(trainer).open("a", encoding="utf-8") as f:
-                f.writelines(record + "\n" for record in records)
-        self.written += len(records)
-        if pl_module.interrupted.is_set():
-            self.on_predict_end(trainer, pl_module)
-            where = f" to {self.path(trainer)}" if self.output is not None else ""
-            rank_zero_info(
-                f"Stopped by a signal: {self.written} continuations (the last cut short) written{where}"
-            )
-            raise SIGTERMException
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.output is not None:
-            os.replace(self._tmp(trainer), self.path(trainer))
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for signum, handler in getattr(self, "_handlers", {}).items():
-            signal.signal(signum, handler)
-        self._handlers = {}
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        if trainer.predicting and self.output is not None:
-            with contextlib.suppress(OSError):  # the path may never have been writable (that error is shown)
-                self._tmp(trainer).unlink(missing_ok=True)
+    def _line(self, trainer: L.Trainer) -> str:
+        p, device = self.params, trainer.strategy.root_device.type
+        shape = f" {p['n_layer']} layers x {p['n_embd']}, block {p['block_size']}," if "n_layer" in p else ""
+        devices = f"{trainer.world_size} x {device}" if trainer.world_size > 1 else device
+        where = f" -> {trainer.log_dir}" if trainer.logger is not None else " (no logger: nothing saved)"
+        resumed = f", resuming at step {trainer.global_step}" if trainer.ckpt_path else ""
+        return (
+            f"{p['model']}{shape} {p['parameters'] / 1e6:.2f} M parameters on {devices} ({p['precision']}); "
+            f"{p['corpus']}, {p['vocab_size']} characters{resumed}{where}"
+        )

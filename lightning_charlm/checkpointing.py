@@ -109,6 +109,11 @@ class Checkpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
+        best = self.best_model_score
+        if trainer.logger is not None and best is not None and not trainer.sanity_checking:
+            # The metric of TensorBoard's HParams tab (callbacks.RunSummary writes the hyperparameters).
+            # At val/loss's step index (Lightning logs a validation at step - 1).
+            trainer.logger.log_metrics({"hp/best_val_loss": float(best)}, trainer.global_step - 1)
         # Lightning 2.6 writes last.ckpt at a validation only when best.ckpt was written too: write it at
         # every validation, so a run that stops without improving (early stopping) keeps its latest state.
         self._save_last_if_due(trainer)

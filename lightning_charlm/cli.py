@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import inspect
@@ -11,21 +12,18 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_charlm.callbacks import (
-    PredictionWriter,
-    SampleText,
-    StepProgressBar,
-    TokensPerSecond,
-)
+from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, TokensPerSecond
 from lightning_charlm.checkpointing import Checkpoint
-from lightning_charlm.data import CharDataModule
+from lightning_charlm.data import DEFAULT_BLOCK_SIZE, CharDataModule
 from lightning_charlm.errors import CharLMError, user_error
 from lightning_charlm.module import GPTLM, CharLM
 from lightning_charlm.runs import (
@@ -33,10 +31,12 @@ from lightning_charlm.runs import (
     RunFolder,
     check_checkpoint,
     continue_run,
+    corpus_of,
     model_named,
     newest_last_checkpoint,
     resume_conflicts,
 )
+from lightning_charlm.writer import PredictionWriter
 
 
 def default_precision() -> str:
@@ -69,6 +69,10 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
         option = unknown.group(1).split("=")[0] if unknown else f"{key}.{inner.group(1)}"
         known = [s for action in parser._actions for s in action.option_strings]
         known += [f"--model.{k}" for k in inspect.signature(GPTLM).parameters]  # the default model's
+        if option in known:  # another model's option (--model.n_layer for the bigram)
+            return (
+                f"{option} is not an option of the chosen model; `charlm fit --model.help NAME` lists its own"
+            )
         guess = difflib.get_close_matches(option, known, n=1)
         return f"unknown option {option}" + (f" (did you mean {guess[0]}?)" if guess else "")
     reason = next((line for line in lines if line.startswith("Expected")), lines[-1])
@@ -114,6 +118,17 @@ class CharLMCLI(LightningCLI):
             }
         )
 
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:  # Lightning's generic text says little about what they mean here
+            if action.dest in SUBCOMMAND_HELP:
+                action.help = SUBCOMMAND_HELP[action.dest]
+            elif action.dest == "data.vocab":  # filled in from the corpus or the checkpoint
+                action.help = argparse.SUPPRESS
+        return parser
+
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the checkpoint's hyperparameters into the model config here. Before that: resolve
         `last` to the newest run of this config, resume into that run's folder, and turn every way a
@@ -124,10 +139,13 @@ class CharLMCLI(LightningCLI):
         if cfg.get("weights_only") is None:
             cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
         if cfg.ckpt_path == "last":
-            cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger))
+            cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger, cfg.data.path))
         if not cfg.ckpt_path:
             return
-        step = check_checkpoint(cfg.ckpt_path).get("global_step", 0)
+        ckpt = check_checkpoint(cfg.ckpt_path)
+        if cfg.data.path is None and self.config.subcommand != "predict":
+            cfg.data.path = corpus_of(ckpt)  # the corpus it was trained on, unless another is named
+        step = ckpt.get("global_step", 0)
         if self.config.subcommand == "fit":
             if 0 <= cfg.trainer.max_steps <= step:
                 raise CharLMError(
@@ -162,6 +180,9 @@ class CharLMCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         # Added here, not in the defaults: Lightning refuses a bar callback with enable_progress_bar=False.
+        # predict's output is stdout itself: a bar there only when it is a terminal, not a pipe or a file.
+        if self.subcommand == "predict" and not sys.stdout.isatty():
+            config["enable_progress_bar"] = False
         if config.get("enable_progress_bar") is not False:
             callbacks = [*callbacks, StepProgressBar()]
         for name, (valid, wanted) in TRAINER_CHECKS.items():
@@ -174,9 +195,12 @@ class CharLMCLI(LightningCLI):
         self.run_folder: RunFolder | None = None
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:  # refused, crashed or interrupted (Ctrl-C at start-up is a SystemExit)
+        except BaseException as err:  # refused, crashed or interrupted (Ctrl-C at start-up is a SystemExit)
             if self.run_folder is not None:
                 self.run_folder.discard_if_empty()
+            caught_ctrl_c = type(err) is SystemExit and self.trainer.state.status == TrainerStatus.INTERRUPTED
+            if caught_ctrl_c:  # Lightning turned a Ctrl-C into exit(1): main() says so, and exits 130
+                raise KeyboardInterrupt from None
             raise
         finally:
             if self.run_folder is not None:
@@ -211,18 +235,29 @@ class CharLMCLI(LightningCLI):
         if self.subcommand in ("predict", "validate"):
             # validate prints its metrics; a logger would only leave a new, nearly empty run folder
             cfg.trainer.logger = False
+        if cfg.data.block_size is None:  # one place for the context length: the model's
+            cfg.data.block_size = cfg.model.init_args.get("block_size") or DEFAULT_BLOCK_SIZE
         if self.subcommand == "predict" and self.ckpt_vocab:
             cfg.data.vocab = self.ckpt_vocab  # the checkpoint's vocabulary: the corpus is never read
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if self.ckpt_vocab and self.datamodule.vocab != self.ckpt_vocab:
+            cfg = self.config[self.subcommand]
             raise CharLMError(
-                f"the checkpoint's vocabulary ({len(self.ckpt_vocab)} characters) differs from the corpus's "
-                f"({len(self.datamodule.vocab)} characters): it was trained on other text; pass the same "
-                "--data.path it was trained on"
+                f"{cfg.ckpt_path} was trained on other text than {cfg.data.path or 'tiny Shakespeare'}: its "
+                f"vocabulary ({len(self.ckpt_vocab)} characters) differs from the corpus's "
+                f"({len(self.datamodule.vocab)}); pass the --data.path it was trained on"
             )
 
+
+SUBCOMMAND_HELP = {
+    "ckpt_path": "a checkpoint: fit resumes it in its own run folder (every state restored); validate and "
+    "predict use its model, which also makes its --model options the ones used. `last`: the newest "
+    "logs/<name>/version_N/checkpoints/last.ckpt of this config's logger name and this --data.path.",
+    "weights_only": "load checkpoints as tensors and primitives only (default true); a file holding other "
+    "objects is refused, never unpickled.",
+}
 
 # Trainer options Lightning accepts but later divides by, clips with or loops on (written so nan fails).
 TRAINER_CHECKS = {
@@ -242,6 +277,10 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 250,
     "check_val_every_n_epoch": None,  # one endless epoch: validate every val_check_interval steps
     "gradient_clip_val": 1.0,
+    # The validation step is this project's own and under test: no trial batches before training (they
+    # cost 3 s of start-up on a 2-core CPU).
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,  # RunSummary prints the run in one line
     "use_distributed_sampler": False,  # CharDataModule shards by rank itself, without padding
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -266,7 +305,7 @@ def cli(args: list[str] | None = None, run: bool = True) -> CharLMCLI:
         parser_kwargs={"prog": "charlm", "description": "Train and sample character-level language models."},
         # Callbacks in trainer_defaults must be instances; they are added to those the config lists.
         trainer_defaults=TRAINER_DEFAULTS
-        | {"precision": default_precision(), "callbacks": [TokensPerSecond()]},
+        | {"precision": default_precision(), "callbacks": [TokensPerSecond(), RunSummary()]},
         auto_configure_optimizers=False,  # the module's own AdamW + warmup/cosine, stepped per step
         seed_everything_default=1337,
         save_config_callback=SaveRunConfig,
@@ -276,15 +315,24 @@ def cli(args: list[str] | None = None, run: bool = True) -> CharLMCLI:
     )
 
 
-NOISE = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:", "LOCAL_RANK:")
+NOISE = (
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "💡 Tip:",
+    "LOCAL_RANK:",
+    "\nDetected KeyboardInterrupt",  # Ctrl-C before training: main() says "charlm: interrupted"
+)
 
 
 def _quiet() -> None:
     """Drop the lines Lightning prints on every command that say nothing about this run (devices it does not
-    use, an advertisement, a deprecation inside Lightning itself)."""
+    use, an advertisement, its signal bookkeeping, a deprecation inside Lightning itself)."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.msg).startswith(NOISE)
     )
+    # "[rank: 0] Received SIGTERM: 2" on Ctrl-C: the Checkpoint callback says what happens instead.
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if torch.cuda.is_available():  # TF32 for fp32 matrix products; Lightning asks for it on every run
         torch.set_float32_matmul_precision("high")

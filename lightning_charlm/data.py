@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from lightning_charlm.corpus import read_corpus
@@ -15,6 +17,7 @@ from lightning_charlm.errors import CharLMError
 from lightning_charlm.sampling import MAX_NEW_TOKENS, check_settings
 from lightning_charlm.tokenizer import CharTokenizer
 
+DEFAULT_BLOCK_SIZE = 256  # windows for a model without a context length of its own (the bigram)
 IGNORE = -100  # cross_entropy's ignore_index: targets already scored by an earlier validation window
 
 
@@ -92,7 +95,7 @@ class CharDataModule(L.LightningDataModule):
     def __init__(
         self,
         path: str | None = None,
-        block_size: int = 256,
+        block_size: int | None = None,
         batch_size: int = 64,
         val_stride: int | None = None,
         val_batch_size: int = 64,
@@ -108,18 +111,31 @@ class CharDataModule(L.LightningDataModule):
         stop: str | None = None,
         sample_seed: int | None = None,
     ):
-        """Args:
-        path: a UTF-8 text file; default tiny Shakespeare ($CHARLM_DATA_DIR, the cache, or a download).
-        block_size: characters per training and validation window.
-        val_stride: distance between validation window starts (default block_size: no overlap).
-        seed: seeds the training windows (offset by the global rank, so ranks differ).
-        vocab: use this vocabulary instead of the corpus's (set from the checkpoint for predict).
-        prompts, prompts_file, num_samples: what `predict` continues (a file has one prompt per line).
-        max_new_tokens, temperature, top_k, top_p, stop, sample_seed: generation settings for `predict`.
+        """The corpus and its windows; for predict, the prompts and generation settings.
+
+        Args:
+            path: the corpus, a UTF-8 text file; default tiny Shakespeare ($CHARLM_DATA_DIR, the cache, or a
+                download).
+            block_size: characters per training and validation window; default the model's context
+                (--model.block_size), or 256 for a model without one (the bigram).
+            batch_size: training windows per step (per device); for predict, prompts per batch.
+            val_stride: distance between validation window starts (default block_size: no overlap).
+            val_batch_size: validation windows per batch (per device).
+            seed: seeds the training windows (offset by the global rank, so ranks differ).
+            vocab: set from the corpus or the checkpoint; not an option to give.
+            prompts: predict: texts to continue (a list: '["ROMEO:", "JULIET:"]').
+            prompts_file: predict: a UTF-8 file, one prompt per line.
+            num_samples: predict: continuations per prompt.
+            max_new_tokens: predict: characters to generate per prompt.
+            temperature: predict: sampling temperature; 0 is greedy.
+            top_k: predict: sample from the k most likely characters only.
+            top_p: predict: sample from the smallest set of characters with this much probability.
+            stop: predict: cut each continuation after the first occurrence of this string.
+            sample_seed: predict: the sampling seed; default a fresh one, printed so a run can be repeated.
         """
         super().__init__()
         for name, value in [
-            ("block_size", block_size),
+            ("block_size", 1 if block_size is None else block_size),
             ("batch_size", batch_size),
             ("num_samples", num_samples),
             ("max_new_tokens", max_new_tokens),
@@ -129,10 +145,8 @@ class CharDataModule(L.LightningDataModule):
                 raise CharLMError(f"data.{name} must be a positive integer, got {value}")
         if max_new_tokens > MAX_NEW_TOKENS or num_samples > MAX_NEW_TOKENS:
             raise CharLMError(f"data.max_new_tokens and data.num_samples must be at most {MAX_NEW_TOKENS:,}")
-        if val_stride is not None and not 1 <= val_stride <= block_size:
-            raise CharLMError(
-                f"data.val_stride must be between 1 and block_size ({block_size}), got {val_stride}"
-            )
+        if val_stride is not None and val_stride < 1:
+            raise CharLMError(f"data.val_stride must be between 1 and block_size, got {val_stride}")
         check_settings(temperature, top_k, top_p)
         # The vocabulary is the model's hyperparameter. Not merged into the logger's hyperparameters either:
         # Lightning refuses a merge where data and model share a key with two values (block_size may
@@ -155,7 +169,23 @@ class CharDataModule(L.LightningDataModule):
         data = tok.encode(text)
         n_train = int(0.9 * len(data))
         train, val = data[:n_train], data[n_train:]
-        need = self.hparams.block_size + 1
+        self._splits = (train, val)
+
+    @property
+    def block_size(self) -> int:
+        """--data.block_size, else the context of the model being trained (else DEFAULT_BLOCK_SIZE)."""
+        if self.hparams.block_size is not None:
+            return self.hparams.block_size
+        model = self.trainer.lightning_module if self.trainer else None
+        return (model.hparams.get("block_size") if model else None) or DEFAULT_BLOCK_SIZE
+
+    def check(self) -> None:
+        """Raise a CharLMError if the windows do not fit: each split needs one window, the stride one."""
+        block, stride = self.block_size, self.hparams.val_stride
+        if stride is not None and stride > block:
+            raise CharLMError(f"data.val_stride must be between 1 and block_size ({block}), got {stride}")
+        train, val = self.splits
+        need = block + 1
         if min(len(train), len(val)) < need:
 
             def fits(n: int) -> bool:
@@ -165,11 +195,11 @@ class CharDataModule(L.LightningDataModule):
             while fits(shortest - 1):
                 shortest -= 1
             raise CharLMError(
-                f"corpus too short: {len(data)} characters split into {len(train)} for training and "
-                f"{len(val)} for validation, but one window at block_size {need - 1} needs {need} characters "
-                f"in each; use a corpus of at least {shortest} characters or a smaller --data.block_size"
+                f"corpus too short: {len(train) + len(val)} characters split into {len(train)} for training "
+                f"and {len(val)} for validation, but one window at block_size {block} needs {need} "
+                f"characters in each; use a corpus of at least {shortest} characters or a smaller "
+                "--data.block_size"
             )
-        self._splits = (train, val)
 
     @property
     def splits(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,15 +209,22 @@ class CharDataModule(L.LightningDataModule):
         return self._splits
 
     def setup(self, stage: str) -> None:
+        if stage == "predict":
+            self.sample_seed = self.hparams.sample_seed
+            if self.sample_seed is None:  # a fresh seed per run, the same on every rank, and said aloud
+                seed = secrets.randbelow(2**31)
+                self.sample_seed = self.trainer.strategy.broadcast(seed) if self.trainer else seed
+                rank_zero_info(f"sampling seed {self.sample_seed} (--data.sample_seed to repeat this output)")
         if stage in ("fit", "validate"):
+            self.check()
             train, val = self.splits
             rank = self.trainer.global_rank if self.trainer else 0
-            hp = self.hparams
+            hp, block = self.hparams, self.block_size
             # The training split moves to the accelerator once (a few MB as uint8 ids); windows are then
             # cut there, with no host gather and copy per step.
             device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-            self.train_set = RandomWindows(train.to(device), hp.block_size, hp.batch_size, hp.seed + rank)
-            self.val_set = strided_windows(val, hp.block_size, hp.val_stride or hp.block_size)
+            self.train_set = RandomWindows(train.to(device), block, hp.batch_size, hp.seed + rank)
+            self.val_set = strided_windows(val, block, hp.val_stride or block)
 
     def train_dataloader(self) -> RandomWindows:
         # The iterable itself, not a DataLoader around it: Lightning saves and restores the state of the
@@ -233,7 +270,7 @@ class CharDataModule(L.LightningDataModule):
         # with its own (checkpoint) vocabulary, and the settings never become model hyperparameters.
         hp = self.hparams
         settings = {k: hp[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop")}
-        collate = partial(_prompt_batch, settings=settings | {"seed": hp.sample_seed})
+        collate = partial(_prompt_batch, settings=settings | {"seed": self.sample_seed})
         return DataLoader(
             self._shard(Prompts(self.prompt_list())), batch_size=hp.batch_size, collate_fn=collate
         )

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric
@@ -23,12 +24,27 @@ from lightning_charlm.tokenizer import CharTokenizer
 MAX_WEIGHTS = 10**11  # 400 GB in fp32: anything larger is a typo, and would only hang or run out of memory
 
 
+SHARED_ARGS = """
+            vocab: the sorted characters of the corpus; filled in by charlm from the corpus or checkpoint.
+            lr: peak learning rate, reached after warmup_steps, then cosine decay to min_lr at max_steps.
+            min_lr: the learning rate at trainer.max_steps.
+            warmup_steps: steps of linear warmup from lr / (warmup_steps + 1) to lr.
+            weight_decay: AdamW decay, applied to 2-D weights only (not to norm gains and biases).
+            betas: AdamW's betas.
+            label_smoothing: for the training loss only; validation metrics are always plain cross-entropy.
+            fused: fused AdamW (one kernel for all parameters); default (null): on CUDA only.
+            compile: torch.compile the network's blocks for training: faster steps on a GPU after seconds of
+                compiling, which pay only for long runs (README, GPU section).
+"""
+
+
 class CharLM(L.LightningModule):
-    """Shared by both models. Subclasses only build `self.net` in `build_net`."""
+    """The model to train: GPTLM (the default) or BigramLM; `--model.help GPTLM` lists its options.
+    (The base class: the loss, metrics, optimizer, schedule and generation; a subclass builds `self.net`.)"""
 
     def __init__(
         self,
-        vocab: str,
+        vocab: str | None = None,
         lr: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -38,17 +54,9 @@ class CharLM(L.LightningModule):
         fused: bool | None = None,
         compile: bool = False,
     ):
-        """Args:
-        vocab: the sorted characters; linked from the datamodule, stored so a checkpoint can decode.
-        lr, min_lr: peak learning rate, reached after `warmup_steps`, then cosine decay to `min_lr` at
-            trainer.max_steps.
-        weight_decay: AdamW decay, applied to 2-D weights only (not to LayerNorm gains).
-        label_smoothing: for the training loss only; validation metrics are always plain cross-entropy.
-        fused: fused AdamW (one kernel for all parameters); default: on CUDA only.
-        compile: torch.compile the network's blocks: ~25% faster steps on a GPU after ~15 s of compiling,
-            which pays only for runs longer than configs/gpt.yaml's (README, GPU section).
-        """
         super().__init__()
+        if not vocab:
+            raise CharLMError("a model needs the corpus's vocabulary: pass vocab=datamodule.vocab")
         if not (lr > 0 and 0 <= min_lr <= lr):  # written so that nan fails too
             raise CharLMError(
                 f"model.lr must be > 0 and 0 <= model.min_lr <= lr, got lr={lr}, min_lr={min_lr}"
@@ -81,7 +89,9 @@ class CharLM(L.LightningModule):
         return model.load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def check_data(self, dm) -> None:
-        """Raise a CharLMError if the datamodule's windows do not suit this model (the GPT's context)."""
+        """Raise a CharLMError if the datamodule's windows do not suit the corpus or this model."""
+        if dm is not None:
+            dm.check()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
@@ -152,6 +162,7 @@ class CharLM(L.LightningModule):
         # Every rank's RNG state (dropout draws from it), gathered so one file restores all ranks. Tensors
         # only, so the checkpoint loads with weights_only=True.
         checkpoint["rng"] = {"cpu": self.all_gather(torch.get_rng_state().to(self.device)).cpu()}
+        checkpoint["lr_schedule"] = getattr(self, "schedule", None)
         if self.device.type == "cuda":
             checkpoint["rng"]["cuda"] = self.all_gather(
                 torch.cuda.get_rng_state(self.device).to(self.device)
@@ -159,6 +170,8 @@ class CharLM(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng")
+        self._saved_schedule = checkpoint.get("lr_schedule")  # None in checkpoints older than it
+        self._resumed_at = checkpoint.get("global_step", 0)
 
     def on_train_start(self) -> None:
         # Applied here, not at load: the sanity check and other set-up between the two must not use it up.
@@ -178,13 +191,14 @@ class CharLM(L.LightningModule):
             saved.set_state(rows[0].clone())
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=saved)) + rank)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[tuple[str, str]]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """One record per prompt: the prompt, its continuation, the run's seed and the settings used."""
         settings = dict(batch)
         prompts = settings.pop("prompts")
-        if settings["seed"] is not None:  # each batch of each rank its own stream, reproducible from the seed
-            settings["seed"] += batch_idx * self.trainer.world_size + self.global_rank
-        texts = self.generate(prompts, **settings, interrupted=self.interrupted.is_set)
-        return list(zip(prompts, texts, strict=True))
+        # Each batch of each rank its own stream, reproducible from the run's seed.
+        seed = settings["seed"] + batch_idx * self.trainer.world_size + self.global_rank
+        texts = self.generate(prompts, **(settings | {"seed": seed}), interrupted=self.interrupted.is_set)
+        return [{"prompt": p, "text": t, **settings} for p, t in zip(prompts, texts, strict=True)]
 
     def generate(self, prompts: list[str], **kwargs: Any) -> list[str]:
         """Continuations of `prompts` in eval mode (restoring the previous mode); see sampling.sample_text."""
@@ -207,20 +221,39 @@ class CharLM(L.LightningModule):
             {"params": [p for n, p in named if n in self._no_decay], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas, fused=self._fused())
-        total = self.trainer.max_steps  # not estimated_stepping_batches: it drops the loader state (#20550)
-        floor = hp.min_lr / hp.lr
-
-        def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / (hp.warmup_steps + 1)
-            if total <= hp.warmup_steps:
-                return 1.0
-            progress = min(1.0, (step - hp.warmup_steps) / (total - hp.warmup_steps))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule())
         # interval "step": with max_steps and one endless epoch an epoch scheduler would never step.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule(self):
+        """The lr factor per step: linear warmup, then cosine decay to min_lr at trainer.max_steps. A run
+        resumed with another max_steps after its warmup decays from the factor it had reached, instead of
+        jumping to where a run of the new length would be; the change is stated, and saved for later resumes.
+        """
+        hp, total = self.hparams, self.trainer.max_steps  # not estimated_stepping_batches: #20550
+        floor = hp.min_lr / hp.lr
+        saved = getattr(self, "_saved_schedule", None) or {"total": total, "start": None, "start_factor": 1.0}
+        start, start_factor = saved["start"], saved["start_factor"]
+        resumed_at = getattr(self, "_resumed_at", 0)
+        if saved["total"] != total and resumed_at > hp.warmup_steps:
+            old = self._factor(resumed_at, saved["total"], start, start_factor, floor)
+            rank_zero_info(
+                f"max_steps {saved['total']} -> {total}: the learning rate now decays from {hp.lr * old:.3g} "
+                f"at step {resumed_at} to {hp.min_lr:.3g} at step {total}"
+            )
+            start, start_factor = resumed_at, old
+        self.schedule = {"total": total, "start": start, "start_factor": start_factor}  # saved in checkpoints
+        return lambda step: self._factor(step, total, start, start_factor, floor)
+
+    def _factor(self, step: int, total: int, start: int | None, start_factor: float, floor: float) -> float:
+        warmup = self.hparams.warmup_steps
+        if start is None and step < warmup:
+            return (step + 1) / (warmup + 1)
+        start = warmup if start is None else start
+        if total <= start:
+            return start_factor
+        progress = min(1.0, (step - start) / (total - start))
+        return floor + (start_factor - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _plain_name(name: str) -> str:
@@ -238,11 +271,11 @@ def clip_grad_norm(root: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 class BigramLM(CharLM):
-    """A V x V table of next-character logits: the baseline."""
+    """The baseline: a V x V table of next-character logits."""
 
     def __init__(
         self,
-        vocab: str,
+        vocab: str | None = None,
         lr: float = 1e-2,
         min_lr: float = 1e-3,
         warmup_steps: int = 0,
@@ -259,13 +292,17 @@ class BigramLM(CharLM):
     def build_net(self, vocab_size: int) -> nn.Module:
         return Bigram(vocab_size)
 
+    __init__.__doc__ = f"""The bigram's options.
+
+        Args:{SHARED_ARGS}"""
+
 
 class GPTLM(CharLM):
-    """A GPT (see models/gpt.py); block_size is the longest context it can attend to."""
+    """A GPT (models/gpt.py): token and position embeddings, pre-norm attention blocks, a tied head."""
 
     def __init__(
         self,
-        vocab: str,
+        vocab: str | None = None,
         block_size: int = 256,
         n_layer: int = 6,
         n_head: int = 6,
@@ -281,11 +318,21 @@ class GPTLM(CharLM):
         fused: bool | None = None,
         compile: bool = False,
     ):
-        """checkpointing: recompute activations in the backward pass (activation checkpointing) to fit
-        larger blocks and batches in less memory, for one more forward pass of each block."""
         super().__init__(
             vocab, lr, min_lr, warmup_steps, weight_decay, betas, label_smoothing, fused, compile
         )
+
+    __init__.__doc__ = f"""The GPT's options.
+
+        Args:
+            block_size: the context length: the longest text it attends to (the data windows follow it).
+            n_layer: transformer blocks.
+            n_head: attention heads per block (n_embd must be divisible by it).
+            n_embd: the width of the residual stream.
+            dropout: dropout rate in training.
+            checkpointing: recompute activations in the backward pass (activation checkpointing):
+                larger blocks and batches fit in less memory, for one more forward pass of each block.
+            {SHARED_ARGS.strip()}"""
 
     def build_net(self, vocab_size: int) -> nn.Module:
         hp = self.hparams
@@ -320,8 +367,9 @@ class GPTLM(CharLM):
             self.check_data(self.trainer.datamodule)
 
     def check_data(self, dm) -> None:
-        if dm is not None and dm.hparams.block_size > self.hparams.block_size:
+        super().check_data(dm)
+        if dm is not None and dm.block_size > self.hparams.block_size:
             raise CharLMError(
-                f"data.block_size ({dm.hparams.block_size}) is longer than the model's context "
-                f"model.block_size ({self.hparams.block_size}); set them equal"
+                f"data.block_size ({dm.block_size}) is longer than the model's context "
+                f"model.block_size ({self.hparams.block_size}); leave data.block_size out to use the model's"
             )

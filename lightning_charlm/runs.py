@@ -91,8 +91,18 @@ def _tensorboard_args(logger):
     return None
 
 
-def newest_last_checkpoint(logger) -> Path:
-    """The last.ckpt of the highest logs/<name>/version_N, or a CharLMError naming where it looked."""
+def corpus_of(ckpt: dict[str, Any]) -> str | None:
+    """The --data.path a checkpoint was trained on (None: tiny Shakespeare)."""
+    return (ckpt.get("datamodule_hyper_parameters") or {}).get("path")
+
+
+def _same_corpus(a: str | None, b: str | None) -> bool:
+    return a == b or (a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
+
+
+def newest_last_checkpoint(logger, corpus: str | None) -> Path:
+    """The last.ckpt of the highest logs/<name>/version_N trained on `corpus`, or a CharLMError naming where
+    it looked (and, when runs on other corpora are there, which)."""
     tb = _tensorboard_args(logger)
     if tb is None:
         raise CharLMError(
@@ -109,7 +119,19 @@ def newest_last_checkpoint(logger) -> Path:
             f"--ckpt_path last: no run to resume, {root}/version_*/checkpoints/last.ckpt does not exist. "
             "Start a new run by leaving out --ckpt_path, or pass the checkpoint's path."
         )
-    return found[-1][1]
+    others = []
+    for _, path in reversed(found):
+        try:
+            held = corpus_of(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception:  # unreadable: check_checkpoint names the problem once it is chosen
+            held = corpus
+        if _same_corpus(held, corpus):
+            return path
+        others.append(f"{path.parent.parent.name} on {held}")
+    raise CharLMError(
+        f"--ckpt_path last: no run on {corpus or 'tiny Shakespeare'} in {root} ({', '.join(others)}); "
+        "pass that run's --data.path, or the checkpoint's path"
+    )
 
 
 class RunFolder:

@@ -52,11 +52,11 @@ def test_cuda_settings_train_through_charlm(tmp_path, corpus):
     assert norms and all(n > 0 for n in norms)
     val = [e.value for e in ea.Scalars("val/loss")]
     assert len(val) == 4 and val[-1] < val[0]
-    # Compiled graphs after the sanity check and each of the 4 rounds: the first round may add graphs (its
-    # short last batch), later rounds, training between them and sampling must not.
+    # Compiled graphs after each of the 4 rounds: the first round's count holds (training, later rounds and
+    # sampling add none).
     counts = json.loads(graphs.read_text())
-    assert len(counts) == 5 and counts[1] > 0
-    assert counts[1:] == [counts[1]] * 4, counts
+    assert len(counts) == 4 and counts[0] > 0
+    assert counts == [counts[0]] * 4, counts
 
 
 def total_norm(model: torch.nn.Module) -> float:

@@ -105,7 +105,7 @@ CASES = {
     ),
     "other vocabulary": (
         ["validate", *TINY, "--data.path", "other.txt", "--ckpt_path", BEST],
-        r"checkpoint's vocabulary .* differs from the corpus's",
+        r"best\.ckpt was trained on other text than other\.txt: its vocabulary .* differs",
     ),
     "output is a checkpoint": ([*PRED, "--writer.output", BEST], r"already exists: pass --writer\.overwrite"),
     "output is a directory": ([*PRED, "--writer.output", "logs"], r"--writer\.output logs is a directory"),

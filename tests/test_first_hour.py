@@ -1,0 +1,167 @@
+"""What a new user meets in the first hour: one context length, resumes that say what they change, runs
+found by corpus, a quiet console with a summary, TensorBoard's HParams tab, readable --help, predictions
+tools can read and a seed that is said aloud."""
+
+import json
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from lightning_charlm.__main__ import SUBCOMMANDS
+from lightning_charlm.cli import CharLMCLI
+from tests.conftest import CHARLM, charlm_main, make_corpus
+from tests.test_cli import TINY, scalars
+from tests.test_resume import callbacks
+
+# TINY without --data.block_size: the windows follow --model.block_size.
+MODEL_ONLY = [a for i, a in enumerate(TINY) if "--data.block_size" not in TINY[max(0, i - 1) : i + 1]]
+QUICK = [
+    "--trainer.val_check_interval",
+    "10",
+    "--sample.every_n_steps",
+    "0",
+    "--trainer.log_every_n_steps",
+    "1",
+]
+
+
+def fit(tmp_path, *args: str):
+    res = charlm_main("fit", *MODEL_ONLY, *QUICK, *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_the_context_length_is_set_once(tmp_path, corpus):
+    assert "--data.block_size" not in MODEL_ONLY and "--model.block_size" in MODEL_ONLY
+    fit(tmp_path, "--data.path", str(corpus), "--model.block_size", "16", "--trainer.max_steps", "2")
+    config = yaml.safe_load((tmp_path / "logs/charlm/version_0/config.yaml").read_text())
+    assert config["data"]["block_size"] == config["model"]["init_args"]["block_size"] == 16
+    res = charlm_main("fit", *TINY, "--data.path", str(corpus), "--data.block_size", "64", cwd=tmp_path)
+    assert res.returncode == 2 and "leave data.block_size out" in res.stderr
+
+
+def test_a_resume_with_more_steps_decays_from_where_it_was_and_says_so(tmp_path, corpus, caplog):
+    args = [
+        "--data.path",
+        str(corpus),
+        "--model.warmup_steps",
+        "5",
+        "--model.lr",
+        "0.01",
+        "--model.min_lr",
+        "0.001",
+    ]
+    fit(tmp_path, *args, "--trainer.max_steps", "40", *callbacks("StopAtStep", step=20))
+    fit(tmp_path, *args, "--trainer.max_steps", "60", "--ckpt_path", "last")
+    said = re.search(
+        r"max_steps 40 -> 60: the learning rate now decays from ([\d.e-]+) at step 20 to 0.001 at step 60",
+        caplog.text,
+    )
+    lr = {e.step: e.value for e in scalars(tmp_path / "logs/charlm/version_0").Scalars("lr")}
+    # A fresh 60-step schedule would be at 0.0085 at step 20, the 40-step one was at 0.0065: no jump.
+    assert said and float(said.group(1)) == pytest.approx(lr[20], rel=0.01)  # the first resumed step
+    assert all(abs(lr[s + 1] - lr[s]) < 5e-4 for s in range(5, 59)), "the schedule jumped"
+    assert lr[59] == pytest.approx(0.001, rel=0.02)  # one step before the end of the cosine
+    # A finished run trained further stays at min_lr; a later resume with the same max_steps keeps it all.
+    fit(tmp_path, *args, "--trainer.max_steps", "70", "--ckpt_path", "last")
+    lr = {e.step: e.value for e in scalars(tmp_path / "logs/charlm/version_0").Scalars("lr")}
+    assert [lr[s] for s in range(60, 70)] == pytest.approx([0.001] * 10)
+
+
+def test_the_console_a_run_summary_and_the_hparams_tab(tmp_path, corpus, caplog):
+    res = fit(tmp_path, "--data.path", str(corpus), "--trainer.max_steps", "25")
+    run = tmp_path / "logs/charlm/version_0"
+    assert re.search(
+        r"charlm: GPTLM 2 layers x 32, block 32, 0\.0\d M parameters on cpu \(32-true\); ", res.stdout
+    )
+    assert f"corpus.txt, {len(set(corpus.read_text()))} characters -> logs/charlm/version_0" in res.stdout
+    ea = scalars(run)
+    val = [e.value for e in ea.Scalars("val/loss")]
+    best = [e.value for e in ea.Scalars("hp/best_val_loss")]
+    assert [e.step for e in ea.Scalars("hp/best_val_loss")] == [e.step for e in ea.Scalars("val/loss")]
+    assert best == pytest.approx([min(val[: i + 1]) for i in range(len(val))])
+    assert f"charlm: best val/loss {min(val):.4f}: logs/charlm/version_0/checkpoints/best.ckpt" in res.stdout
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    )
+    hparams = {k: v.string_value or v.number_value for k, v in start.session_start_info.hparams.items()}
+    assert hparams["model"] == "GPTLM" and hparams["n_layer"] == 2 and hparams["corpus"] == "corpus.txt"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        ea.PluginTagToContent("hparams")["_hparams_/experiment"]
+    )
+    assert [m.name.tag for m in experiment.experiment.metric_infos] == ["hp/best_val_loss"]
+    for noise in ("GPU available", "Received SIGTERM", "LeafSpec", "Sanity Checking", "Trainable params"):
+        assert noise not in caplog.text + res.stdout + res.stderr
+
+
+def test_last_picks_a_run_of_the_same_corpus_and_a_checkpoint_knows_its_corpus(tmp_path):
+    (tmp_path / "a").mkdir()
+    a, b = make_corpus(tmp_path / "a"), tmp_path / "b.txt"
+    b.write_text(a.read_text().upper() + "XYZ!\n")
+    fit(tmp_path, "--data.path", str(a), "--trainer.max_steps", "10")  # version_0
+    fit(tmp_path, "--data.path", str(b), "--trainer.max_steps", "10")  # version_1, the newest
+    fit(tmp_path, "--data.path", str(a), "--trainer.max_steps", "20", "--ckpt_path", "last")
+    steps = [
+        torch.load(tmp_path / f"logs/charlm/version_{v}/checkpoints/last.ckpt", weights_only=True)[
+            "global_step"
+        ]
+        for v in (0, 1)
+    ]
+    assert steps == [20, 10]
+    c = tmp_path / "c.txt"
+    shutil.copy(a, c)
+    res = charlm_main("fit", *MODEL_ONLY, "--data.path", "c.txt", "--ckpt_path", "last", cwd=tmp_path)
+    assert res.returncode == 2 and re.search(
+        r"no run on c\.txt in logs/charlm \(version_1 on .*b\.txt, version_0 on", res.stderr
+    )
+    # validate (and an explicit resume) read the checkpoint's corpus when none is named
+    res = charlm_main("validate", "--ckpt_path", "logs/charlm/version_1/checkpoints/best.ckpt", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "val/loss" in res.stdout
+
+
+def test_help_is_quick_and_says_what_the_options_mean(tmp_path):
+    assert set(SUBCOMMANDS) == set(CharLMCLI.subcommands())  # the fast overview cannot drift from the CLI
+    start = time.perf_counter()
+    overview = subprocess.run([CHARLM, "--help"], capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - start
+    assert overview.returncode == 0 and all(f"  {name}  " in overview.stdout for name in SUBCOMMANDS)
+    assert seconds < 30  # a timing is measured in the note, not asserted; this only catches a hang
+    fit_help = charlm_main("fit", "--help", cwd=tmp_path).stdout
+    assert "--data.vocab VOCAB" not in fit_help.split("ARG:")[-1] and "[--data.vocab" not in fit_help
+    data = re.findall(r"\n  (--data\.\w+) [A-Z_ {},a-z]*\n? +(\S[^\n]*)", fit_help)
+    assert len(data) >= 15 and not [opt for opt, text in data if text.startswith("(type:")]
+    assert "newest" in fit_help and "`last`" in fit_help  # --ckpt_path in this project's words
+    assert "Shared by both" not in charlm_main("fit", "--model.help", "GPTLM", cwd=tmp_path).stdout
+
+
+def test_predict_jsonl_and_a_fresh_seed_said_aloud(tmp_path, corpus, caplog):
+    fit(tmp_path, "--data.path", str(corpus), "--trainer.max_steps", "10")
+    pred = [
+        "predict",
+        "--ckpt_path",
+        "logs/charlm/version_0/checkpoints/best.ckpt",
+        "--data.max_new_tokens",
+        "30",
+    ]
+    pred += ["--data.prompts", '["", "The king"]', "--writer.format", "jsonl"]
+    runs = [charlm_main(*pred, cwd=tmp_path) for _ in range(2)]
+    seeds = [int(s) for s in re.findall(r"sampling seed (\d+) ", caplog.text)]
+    records = [[json.loads(line) for line in r.stdout.splitlines()] for r in runs]
+    assert len(seeds) == 2 and seeds[0] != seeds[1] and [r[0]["seed"] for r in records] == seeds
+    assert [r["prompt"] for r in records[0]] == ["", "The king"] and all(
+        len(r["text"]) == 30 for r in records[0]
+    )
+    assert records[0][0]["temperature"] == 0.8 and records[0][0]["max_new_tokens"] == 30
+    assert records[0] != records[1]  # a fresh seed per run
+    again = charlm_main(
+        *pred, "--data.sample_seed", str(seeds[0]), "--writer.output", "p.jsonl", cwd=tmp_path
+    )
+    assert again.returncode == 0 and [json.loads(line) for line in again.stdout.splitlines()] == records[0]
+    assert (tmp_path / "p.jsonl").read_text(encoding="utf-8") == again.stdout
