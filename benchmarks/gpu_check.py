@@ -28,7 +28,7 @@ REPO = HERE.parent
 CHARLM = [sys.executable, "-m", "lightning_charlm"]
 TINY = (
     "--model.block_size 32 --model.n_layer 2 --model.n_head 2 --model.n_embd 32 --model.dropout 0.0 "
-    "--data.block_size 32 --data.batch_size 16 --trainer.accelerator cpu --sample.max_new_tokens 20"
+    "--data.block_size 32 --data.batch_size 16 --trainer.accelerator cpu --generate.max_new_tokens 20"
 ).split()
 
 

@@ -5,12 +5,15 @@ import importlib
 # Imported on first use: `charlm --help` must not wait seconds for torch and Lightning to import.
 _HOMES = {
     "BigramLM": "module",
+    "GenerationConfig": "sampling",
     "CharDataModule": "data",
     "CharLM": "module",
     "CharTokenizer": "tokenizer",
     "GPTLM": "module",
     "generate": "sampling",
+    "load": "api",
     "sample_text": "sampling",
+    "stream_text": "sampling",
 }
 __all__ = sorted(_HOMES)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ from rich.text import Text
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lightning_charlm.errors import CharLMError
-from lightning_charlm.sampling import MAX_NEW_TOKENS, check_settings
 
 
 class TokensPerSecond(L.Callback):
@@ -127,30 +127,25 @@ def _short(value: Any) -> Any:
 
 
 class SampleText(L.Callback):
-    """Every `every_n_steps` optimizer steps, rank 0 samples `max_new_tokens` characters and logs them.
+    """Every `every_n_steps` optimizer steps, rank 0 samples a continuation of `prompt` and logs it, with the
+    run's --generate.* settings.
 
-    Sampling uses a private generator seeded from `seed` and the step, so the training RNG is untouched and
-    samples are reproducible; the shared loop switches to eval mode and back. Under DDP no collective op
-    runs, so the other ranks never wait on rank 0; under FSDP all ranks join (see on_train_batch_end).
+    Sampling uses a private generator seeded from --generate.seed (or 0) plus the step, so the training RNG
+    is untouched and samples are reproducible; the shared loop switches to eval mode and back. Under DDP no
+    collective op runs, so the other ranks never wait on rank 0; under FSDP all ranks join (see
+    on_train_batch_end).
     """
 
-    def __init__(
-        self,
-        every_n_steps: int = 500,
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        prompt: str = "",
-        seed: int = 0,
-    ):
-        if every_n_steps < 0 or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise CharLMError(
-                "sample.every_n_steps must be >= 0 (0: no samples) and sample.max_new_tokens between 1 and "
-                f"{MAX_NEW_TOKENS:,}"
-            )
-        check_settings(temperature, top_k, None)
-        self.every_n_steps, self.max_new_tokens = every_n_steps, max_new_tokens
-        self.temperature, self.top_k, self.prompt, self.seed = temperature, top_k, prompt, seed
+    def __init__(self, every_n_steps: int = 500, prompt: str = ""):
+        """Periodic samples during training; how they are generated is --generate.*.
+
+        Args:
+            every_n_steps: optimizer steps between samples; 0 turns them off.
+            prompt: the text each sample continues.
+        """
+        if every_n_steps < 0:
+            raise CharLMError("sample.every_n_steps must be >= 0 (0: no samples)")
+        self.every_n_steps, self.prompt = every_n_steps, prompt
         self._last_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -167,13 +162,8 @@ class SampleText(L.Callback):
         self._last_step = step  # with gradient accumulation several batches end on one step
         full = FullyShardedDataParallel.summon_full_params if sharded else None
         with full(trainer.model, writeback=False) if full else contextlib.nullcontext():
-            text = pl_module.generate(
-                [self.prompt],
-                max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature,
-                top_k=self.top_k,
-                seed=self.seed + step,
-            )[0]
+            settings = replace(pl_module.generation, seed=(pl_module.generation.seed or 0) + step)
+            text = pl_module.generate([self.prompt], settings)[0]
         if not trainer.is_global_zero:
             return
         rank_zero_info(f"\n--- sample at step {step} ---\n{self.prompt}{text}\n---")

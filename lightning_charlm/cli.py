@@ -36,6 +36,7 @@ from lightning_charlm.runs import (
     newest_last_checkpoint,
     resume_conflicts,
 )
+from lightning_charlm.sampling import GenerationConfig
 from lightning_charlm.writer import PredictionWriter
 
 
@@ -102,6 +103,7 @@ class CharLMCLI(LightningCLI):
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(SampleText, "sample")
         parser.add_lightning_class_args(PredictionWriter, "writer")
+        parser.add_class_arguments(GenerationConfig, "generate")  # predict's and the samples' settings
         parser.set_defaults(
             {
                 # The model to train when none is named; with --ckpt_path the checkpoint's class wins.
@@ -242,6 +244,8 @@ class CharLMCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        self.model.generation = init.generate  # the command line's, whatever a checkpoint holds
         if self.ckpt_vocab and self.datamodule.vocab != self.ckpt_vocab:
             cfg = self.config[self.subcommand]
             raise CharLMError(
@@ -254,7 +258,8 @@ class CharLMCLI(LightningCLI):
 SUBCOMMAND_HELP = {
     "ckpt_path": "a checkpoint: fit resumes it in its own run folder (every state restored); validate and "
     "predict use its model, which also makes its --model options the ones used. `last`: the newest "
-    "logs/<name>/version_N/checkpoints/last.ckpt of this config's logger name and this --data.path.",
+    "logs/<name>/version_N/checkpoints/last.ckpt of this config's logger name, trained on a corpus of this "
+    "file name.",
     "weights_only": "load checkpoints as tensors and primitives only (default true); a file holding other "
     "objects is refused, never unpickled.",
 }

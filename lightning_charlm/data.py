@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import secrets
-from functools import partial
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from lightning_charlm.corpus import read_corpus
 from lightning_charlm.errors import CharLMError
-from lightning_charlm.sampling import MAX_NEW_TOKENS, check_settings
 from lightning_charlm.tokenizer import CharTokenizer
 
 DEFAULT_BLOCK_SIZE = 256  # windows for a model without a context length of its own (the bigram)
+MAX_PROMPTS = 10_000_000  # copies of the prompts to continue: a larger count is a typo
 IGNORE = -100  # cross_entropy's ignore_index: targets already scored by an earlier validation window
 
 
@@ -104,14 +102,8 @@ class CharDataModule(L.LightningDataModule):
         prompts: list[str] | None = None,
         prompts_file: str | None = None,
         num_samples: int = 1,
-        max_new_tokens: int = 500,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop: str | None = None,
-        sample_seed: int | None = None,
     ):
-        """The corpus and its windows; for predict, the prompts and generation settings.
+        """The corpus and its windows; for predict, the prompts (how they are continued: --generate.*).
 
         Args:
             path: the corpus, a UTF-8 text file; default tiny Shakespeare ($CHARLM_DATA_DIR, the cache, or a
@@ -124,36 +116,29 @@ class CharDataModule(L.LightningDataModule):
             seed: seeds the training windows (offset by the global rank, so ranks differ).
             vocab: set from the corpus or the checkpoint; not an option to give.
             prompts: predict: texts to continue (a list: '["ROMEO:", "JULIET:"]').
-            prompts_file: predict: a UTF-8 file, one prompt per line.
+            prompts_file: predict: a UTF-8 file, one prompt per line; `-` reads them from stdin.
             num_samples: predict: continuations per prompt.
-            max_new_tokens: predict: characters to generate per prompt.
-            temperature: predict: sampling temperature; 0 is greedy.
-            top_k: predict: sample from the k most likely characters only.
-            top_p: predict: sample from the smallest set of characters with this much probability.
-            stop: predict: cut each continuation after the first occurrence of this string.
-            sample_seed: predict: the sampling seed; default a fresh one, printed so a run can be repeated.
         """
         super().__init__()
         for name, value in [
             ("block_size", 1 if block_size is None else block_size),
             ("batch_size", batch_size),
             ("num_samples", num_samples),
-            ("max_new_tokens", max_new_tokens),
             ("val_batch_size", val_batch_size),
         ]:
             if value < 1:
                 raise CharLMError(f"data.{name} must be a positive integer, got {value}")
-        if max_new_tokens > MAX_NEW_TOKENS or num_samples > MAX_NEW_TOKENS:
-            raise CharLMError(f"data.max_new_tokens and data.num_samples must be at most {MAX_NEW_TOKENS:,}")
+        if num_samples > MAX_PROMPTS:
+            raise CharLMError(f"data.num_samples must be at most {MAX_PROMPTS:,}")
         if val_stride is not None and val_stride < 1:
             raise CharLMError(f"data.val_stride must be between 1 and block_size, got {val_stride}")
-        check_settings(temperature, top_k, top_p)
         # The vocabulary is the model's hyperparameter. Not merged into the logger's hyperparameters either:
         # Lightning refuses a merge where data and model share a key with two values (block_size may
         # rightly be shorter here than the model's context). config.yaml records them all.
         self.save_hyperparameters(ignore=["vocab"], logger=False)
         self._vocab = vocab
         self._splits: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prompts: list[str] | None = None
 
     @property
     def vocab(self) -> str:
@@ -209,12 +194,6 @@ class CharDataModule(L.LightningDataModule):
         return self._splits
 
     def setup(self, stage: str) -> None:
-        if stage == "predict":
-            self.sample_seed = self.hparams.sample_seed
-            if self.sample_seed is None:  # a fresh seed per run, the same on every rank, and said aloud
-                seed = secrets.randbelow(2**31)
-                self.sample_seed = self.trainer.strategy.broadcast(seed) if self.trainer else seed
-                rank_zero_info(f"sampling seed {self.sample_seed} (--data.sample_seed to repeat this output)")
         if stage in ("fit", "validate"):
             self.check()
             train, val = self.splits
@@ -248,9 +227,14 @@ class CharDataModule(L.LightningDataModule):
         return Subset(dataset, range(self.trainer.global_rank, len(dataset), world))
 
     def prompt_list(self) -> list[str]:
+        """Every prompt, each num_samples times; read once (stdin can be read only once)."""
+        if self._prompts is not None:
+            return self._prompts
         hp = self.hparams
         prompts = list(hp.prompts or [])
-        if hp.prompts_file:
+        if hp.prompts_file == "-":
+            prompts += sys.stdin.read().splitlines()
+        elif hp.prompts_file:
             path = Path(hp.prompts_file)
             if path.is_dir():
                 raise CharLMError(f"prompts file {path} is a directory: name a file, one prompt per line")
@@ -263,18 +247,11 @@ class CharDataModule(L.LightningDataModule):
                     f"prompts file {path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset "
                     f"{err.start}"
                 ) from None
-        return [p for p in (prompts or [""]) for _ in range(hp.num_samples)]
+        self._prompts = [p for p in (prompts or [""]) for _ in range(hp.num_samples)]
+        return self._prompts
 
     def predict_dataloader(self) -> DataLoader:
-        # A batch is the prompt strings plus the generation settings: the LightningModule encodes the prompts
-        # with its own (checkpoint) vocabulary, and the settings never become model hyperparameters.
-        hp = self.hparams
-        settings = {k: hp[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "stop")}
-        collate = partial(_prompt_batch, settings=settings | {"seed": self.sample_seed})
+        # Batches of prompt strings: the LightningModule encodes them with its own (checkpoint) vocabulary.
         return DataLoader(
-            self._shard(Prompts(self.prompt_list())), batch_size=hp.batch_size, collate_fn=collate
+            self._shard(Prompts(self.prompt_list())), batch_size=self.hparams.batch_size, collate_fn=list
         )
-
-
-def _prompt_batch(prompts: list[str], settings: dict[str, Any]) -> dict[str, Any]:
-    return {"prompts": prompts, **settings}

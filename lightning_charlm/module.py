@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import secrets
 import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
@@ -18,7 +22,7 @@ from torchmetrics import MeanMetric
 from lightning_charlm.data import IGNORE
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.models import GPT, Bigram, GPTConfig
-from lightning_charlm.sampling import sample_text
+from lightning_charlm.sampling import GenerationConfig, sample_text, stream_text
 from lightning_charlm.tokenizer import CharTokenizer
 
 MAX_WEIGHTS = 10**11  # 400 GB in fp32: anything larger is a typo, and would only hang or run out of memory
@@ -74,7 +78,9 @@ class CharLM(L.LightningModule):
         self._no_decay = {name for name, p in self.net.named_parameters() if p.dim() < 2}
         self.val_loss = MeanMetric()
         self.last_train_loss: torch.Tensor | None = None
-        self.interrupted = threading.Event()  # set by a signal during predict (callbacks.PredictionWriter)
+        self.interrupted = threading.Event()  # set by a signal during predict (writer.PredictionWriter)
+        self.generation = GenerationConfig()  # how to sample: --generate.* (set by the CLI), not a hparam
+        self.stream_to: Callable[[str], None] | None = None  # predict prints here as it generates (writer)
 
     def build_net(self, vocab_size: int) -> nn.Module:
         raise NotImplementedError
@@ -191,21 +197,63 @@ class CharLM(L.LightningModule):
             saved.set_state(rows[0].clone())
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=saved)) + rank)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """One record per prompt: the prompt, its continuation, the run's seed and the settings used."""
-        settings = dict(batch)
-        prompts = settings.pop("prompts")
-        # Each batch of each rank its own stream, reproducible from the run's seed.
-        seed = settings["seed"] + batch_idx * self.trainer.world_size + self.global_rank
-        texts = self.generate(prompts, **(settings | {"seed": seed}), interrupted=self.interrupted.is_set)
-        return [{"prompt": p, "text": t, **settings} for p, t in zip(prompts, texts, strict=True)]
+    def on_predict_start(self) -> None:
+        if self.generation.seed is None:  # a fresh seed per run, the same on every rank, and said aloud
+            seed = self.trainer.strategy.broadcast(secrets.randbelow(2**31))
+            self.generation = replace(self.generation, seed=seed)
+            rank_zero_info(f"sampling seed {seed} (--generate.seed {seed} repeats this output)")
 
-    def generate(self, prompts: list[str], **kwargs: Any) -> list[str]:
-        """Continuations of `prompts` in eval mode (restoring the previous mode); see sampling.sample_text."""
+    def predict_step(self, prompts: list[str], batch_idx: int) -> list[dict[str, Any]]:
+        """One record per prompt: the prompt, its continuation, and the settings (with the run's seed)."""
+        # Each batch of each rank its own stream, reproducible from the run's seed.
+        seed = self.generation.seed + batch_idx * self.trainer.world_size + self.global_rank
+        settings, stop = replace(self.generation, seed=seed), self.interrupted.is_set
+        if self.stream_to is not None and len(prompts) == 1:  # one prompt on a terminal: text as it comes
+            self.stream_to(prompts[0])
+            texts = [
+                "".join(self.stream_to(piece) or piece for piece in self.stream(prompts[0], settings, stop))
+            ]
+        else:
+            texts = self.generate(prompts, settings, stop)
+        record = asdict(self.generation)
+        return [{"prompt": p, "text": t, **record} for p, t in zip(prompts, texts, strict=True)]
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        settings: GenerationConfig | None = None,
+        interrupted: Callable[[], bool] | None = None,
+        **overrides: Any,
+    ) -> str | list[str]:
+        """The continuation of a prompt (a list for a list of prompts), in eval mode.
+
+        `settings` default to the module's own (`self.generation`: --generate.* on the command line); keyword
+        arguments override single fields: `lm.generate("ROMEO:", max_new_tokens=200, seed=1)`."""
+        settings = replace(settings or self.generation, **overrides)
+        with self._eval():
+            texts = sample_text(self.net, self.tokenizer, [prompts] if isinstance(prompts, str) else prompts,
+                                settings, interrupted=interrupted)  # fmt: skip
+        return texts[0] if isinstance(prompts, str) else texts
+
+    def stream(
+        self,
+        prompt: str,
+        settings: GenerationConfig | None = None,
+        interrupted: Callable[[], bool] | None = None,
+        **overrides: Any,
+    ) -> Iterator[str]:
+        """The continuation of `prompt`, a character at a time as it is generated; joined, it is the text
+        `generate` gives for the same settings."""
+        settings = replace(settings or self.generation, **overrides)
+        with self._eval():
+            yield from stream_text(self.net, self.tokenizer, prompt, settings, interrupted=interrupted)
+
+    @contextlib.contextmanager
+    def _eval(self):
         was_training = self.net.training
         self.net.eval()
         try:
-            return sample_text(self.net, self.tokenizer, prompts, **kwargs)
+            yield
         finally:
             self.net.train(was_training)
 

@@ -97,7 +97,9 @@ def corpus_of(ckpt: dict[str, Any]) -> str | None:
 
 
 def _same_corpus(a: str | None, b: str | None) -> bool:
-    return a == b or (a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
+    """By file name: a run folder copied or moved with its corpus still matches; a wrong file of the same
+    name is caught by the vocabulary check."""
+    return a == b or (a is not None and b is not None and Path(a).name == Path(b).name)
 
 
 def newest_last_checkpoint(logger, corpus: str | None) -> Path:

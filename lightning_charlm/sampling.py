@@ -1,8 +1,10 @@
-"""The one generation loop, for every model: temperature, top-k, top-p, seeds, stop strings, a KV cache."""
+"""The one generation loop, for every model: temperature, top-k, top-p, seeds, stop strings, a KV cache;
+and GenerationConfig, the settings that `charlm predict`, SampleText and the Python API share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,12 +17,43 @@ MAX_NEW_TOKENS = 10_000_000  # hours of generation even on a GPU: a larger count
 
 def check_settings(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None):
     if not temperature >= 0:  # nan fails too
-        raise CharLMError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        raise CharLMError(f"generate.temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= (vocab_size or top_k):
         limit = f"between 1 and the vocabulary size ({vocab_size})" if vocab_size else ">= 1"
-        raise CharLMError(f"top_k must be {limit}, got {top_k}")
+        raise CharLMError(f"generate.top_k must be {limit}, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise CharLMError(f"top_p must be in (0, 1], got {top_p}")
+        raise CharLMError(f"generate.top_p must be in (0, 1], got {top_p}")
+
+
+@dataclass
+class GenerationConfig:
+    """How text is generated (`--generate.*`): by `charlm predict`, by the samples during training, and by
+    the Python API.
+
+    Args:
+        max_new_tokens: characters to generate per prompt.
+        temperature: sampling temperature; 0 is greedy.
+        top_k: sample from the k most likely characters only.
+        top_p: sample from the smallest set of characters with this much probability.
+        stop: cut each continuation after the first occurrence of this string.
+        seed: the sampling seed; default a fresh one per predict run (printed), 0 for training samples.
+    """
+
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise CharLMError(
+                f"generate.max_new_tokens must be between 1 and {MAX_NEW_TOKENS:,}, got {self.max_new_tokens}"
+            )
+        check_settings(self.temperature, self.top_k, self.top_p)
+        if self.stop == "":
+            raise CharLMError("generate.stop is empty: give a string, or leave it out")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -47,8 +80,11 @@ def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) 
     return torch.multinomial(probs, 1, generator=generator)
 
 
+STOP_CHECK_EVERY = 8  # tokens between checks of the stop string: each check waits for the device
+
+
 @torch.no_grad()
-def generate(
+def decode(
     model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
@@ -59,8 +95,9 @@ def generate(
     use_cache: bool = True,
     stop_ids: list[int] | None = None,
     interrupted: Callable[[], bool] | None = None,
-) -> torch.Tensor:
-    """Extend idx (B, T) by up to max_new_tokens; returns (B, T + n).
+) -> Iterator[torch.Tensor]:
+    """The generation loop: yields the next token of every row of idx (B, T), as (B, 1), up to
+    max_new_tokens times (fewer once every row has produced `stop_ids`, or when `interrupted()`).
 
     The context is at most block_size tokens. When it would overflow, it slides by a quarter block at once
     (keeping the last 3/4), so a KV cache is refilled once per quarter block instead of at every token.
@@ -75,7 +112,7 @@ def generate(
     prompt_len = idx.size(1)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     finite = torch.ones((), dtype=torch.bool, device=idx.device)  # checked once at the end: no sync per token
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if interrupted is not None and interrupted():  # a signal: stop here and keep what is generated
             break
         if idx.size(1) - start > block:
@@ -91,58 +128,90 @@ def generate(
         # that ends the process): sample those rows from zeros instead, and report it after the loop.
         ok = logits.isfinite().all(-1, keepdim=True)
         finite &= ok.all()
-        logits = torch.where(ok, logits, 0.0)
-        idx = torch.cat([idx, next_token(logits, temperature, top_k, top_p, generator)], dim=1)
+        token = next_token(torch.where(ok, logits, 0.0), temperature, top_k, top_p, generator)
+        idx = torch.cat([idx, token], dim=1)
+        yield token
         if len(stop) and idx.size(1) - prompt_len >= len(stop):  # the stop string within the continuation
             done |= (idx[:, -len(stop) :] == stop).all(-1)
-            if done.all():
+            if step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and done.all():
                 break
     if not finite:
         raise CharLMError(
             "the model's outputs are not finite (nan or inf): it diverged, it cannot be sampled"
         )
-    return idx
+
+
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> torch.Tensor:
+    """idx (B, T) extended by up to max_new_tokens tokens of `decode` (same arguments): (B, T + n)."""
+    return torch.cat([idx, *decode(model, idx, max_new_tokens, *args, **kwargs)], dim=1)
+
+
+def _prepare(model, tokenizer, prompts, settings: GenerationConfig):
+    """The device, a generator seeded from settings.seed (None: unseeded), the encoded prompts (an empty one
+    starts from a newline) and the stop string's ids."""
+    check_settings(settings.temperature, settings.top_k, settings.top_p, len(tokenizer))
+    device = next(model.parameters()).device
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(settings.seed)
+    encoded = [tokenizer.encode(p).long() if p else torch.tensor([tokenizer.start_id]) for p in prompts]
+    try:
+        stop_ids = tokenizer.encode(settings.stop).tolist() if settings.stop else None
+    except CharLMError as err:
+        raise CharLMError(f"the stop string {settings.stop!r} cannot be generated: {err}") from None
+    return device, generator, encoded, stop_ids
+
+
+def stream_text(
+    model: nn.Module,
+    tokenizer: CharTokenizer,
+    prompt: str,
+    settings: GenerationConfig,
+    use_cache: bool = True,
+    interrupted: Callable[[], bool] | None = None,
+) -> Iterator[str]:
+    """The continuation of one prompt, a character at a time as it is generated, ending after `stop`. Joined,
+    it is sample_text's text for the same settings."""
+    device, generator, encoded, stop_ids = _prepare(model, tokenizer, [prompt], settings)
+    s = settings
+    steps = decode(
+        model, encoded[0][None].to(device), s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator,
+        use_cache, stop_ids, interrupted,
+    )  # fmt: skip
+    text = ""
+    for token in steps:
+        piece = tokenizer.decode(token[0])
+        text += piece
+        yield piece
+        if s.stop and text.endswith(s.stop):
+            return
 
 
 def sample_text(
     model: nn.Module,
     tokenizer: CharTokenizer,
     prompts: list[str],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop: str | None = None,
+    settings: GenerationConfig,
     use_cache: bool = True,
     interrupted: Callable[[], bool] | None = None,
 ) -> list[str]:
-    """Continuations (without the prompt) of each prompt, cut after `stop` if given.
+    """Continuations (without the prompt) of each prompt, cut after `settings.stop` if given.
 
     Prompts are batched by length: learned absolute positions make left-padding incorrect, and equal
     lengths keep every row's window in step.
     """
-    check_settings(temperature, top_k, top_p, len(tokenizer))
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-        raise CharLMError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS:,}, got {max_new_tokens}")
-    device = next(model.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-    encoded = [tokenizer.encode(p).long() if p else torch.tensor([tokenizer.start_id]) for p in prompts]
-    try:
-        stop_ids = tokenizer.encode(stop).tolist() if stop else None
-    except CharLMError as err:
-        raise CharLMError(f"the stop string {stop!r} cannot be generated: {err}") from None
+    device, generator, encoded, stop_ids = _prepare(model, tokenizer, prompts, settings)
+    s = settings
     out: list[str] = [""] * len(prompts)
     for length in sorted({len(e) for e in encoded}):
         rows = [i for i, e in enumerate(encoded) if len(e) == length]
         idx = torch.stack([encoded[i] for i in rows]).to(device)
         res = generate(
-            model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_ids, interrupted
-        )
+            model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator, use_cache, stop_ids,
+            interrupted,
+        )  # fmt: skip
         for i, ids in zip(rows, res[:, length:], strict=True):
             text = tokenizer.decode(ids)
-            out[i] = text[: text.index(stop) + len(stop)] if stop and stop in text else text
+            out[i] = text[: text.index(s.stop) + len(s.stop)] if s.stop and s.stop in text else text
     return out

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +77,12 @@ class PredictionWriter(BasePredictionWriter):
 
         self._handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.written = 0
+        # One prompt, text format, a person at a terminal: the module prints characters as they come.
+        dm = trainer.datamodule
+        one = dm is not None and len(dm.prompt_list()) == 1 and trainer.world_size == 1
+        self.streaming = one and self.format == "text" and sys.stdout.isatty()
+        if self.streaming:
+            pl_module.stream_to = lambda piece: print(piece, end="", flush=True)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -84,7 +91,7 @@ class PredictionWriter(BasePredictionWriter):
             records = [json.dumps(record, ensure_ascii=False) + "\n" for record in prediction]
         else:  # readable; a text with blank lines of its own cannot be split apart again (use jsonl)
             records = [f"{record['prompt']}{record['text']}\n\n" for record in prediction]
-        print("".join(records), end="", flush=True)
+        print("\n\n" if self.streaming else "".join(records), end="", flush=True)
         if self.output is not None:
             with self._tmp(trainer).open("a", encoding="utf-8") as f:
                 f.writelines(records)
@@ -102,6 +109,7 @@ class PredictionWriter(BasePredictionWriter):
             os.replace(self._tmp(trainer), self.path(trainer))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.stream_to = None
         for signum, handler in getattr(self, "_handlers", {}).items():
             signal.signal(signum, handler)
         self._handlers = {}

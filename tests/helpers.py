@@ -99,9 +99,28 @@ class ScrambleAtStep(L.Callback):
                     p.add_(torch.randn(p.shape, generator=generator) * 2)
 
 
-class InterruptAtSanityCheck(L.Callback):
-    """Presses Ctrl-C (SIGINT to this process) during the start-up validation."""
+class InterruptAtStartUp(L.Callback):
+    """Presses Ctrl-C (SIGINT to this process) during start-up, once the run folder exists."""
 
-    def on_sanity_check_start(self, trainer, pl_module):
+    def on_fit_start(self, trainer, pl_module):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the KeyboardInterrupt arrives here
+
+
+class CountSamples(L.Callback):
+    """Counts the module's generate() calls during fit on this rank and writes the count to `path`.rankN."""
+
+    def __init__(self, path: str):
+        self.path, self.count = path, 0
+
+    def on_train_start(self, trainer, pl_module):
+        generate = pl_module.generate
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return generate(*args, **kwargs)
+
+        pl_module.generate = counted
+
+    def on_train_end(self, trainer, pl_module):
+        Path(f"{self.path}.rank{trainer.global_rank}").write_text(str(self.count))

@@ -40,7 +40,7 @@ def test_cuda_settings_train_through_charlm(tmp_path, corpus):
         "10",
         "--sample.every_n_steps",
         "15",
-        "--sample.max_new_tokens",
+        "--generate.max_new_tokens",
         "20",
         *callbacks("CountGraphs", path=str(graphs)),
         cwd=tmp_path,

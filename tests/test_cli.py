@@ -55,7 +55,7 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus):
         "20",
         "--sample.every_n_steps",
         "30",
-        "--sample.max_new_tokens",
+        "--generate.max_new_tokens",
         "40",
         cwd=tmp_path,
     )
@@ -105,7 +105,7 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus):
     nowhere = {"CHARLM_DATA_DIR": str(tmp_path / "no-data"), "XDG_CACHE_HOME": str(tmp_path / "no-cache")}
     out = tmp_path / "samples.txt"
     predict = ["predict", "--ckpt_path", str(best), "--trainer.accelerator", "cpu"]
-    prompts = ["--data.prompts", '["the king", "my"]', "--data.max_new_tokens", "30"]
+    prompts = ["--data.prompts", '["the king", "my"]', "--generate.max_new_tokens", "30"]
     pred = run_charlm(*predict, *prompts, "--writer.output", str(out), cwd=tmp_path, env=nowhere)
     assert pred.returncode == 0, pred.stderr
     assert not (tmp_path / "no-cache").exists()
@@ -123,9 +123,11 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus):
     assert res.returncode == 0, res.stderr
     text = bf16.read_text()
     assert text.startswith("the king") and len(text) == len("the king") + len("my") + 2 * (30 + 2)
-    lines = [line for line in out.read_text().split("\n\n") if line.strip()]
-    assert len(lines) == 2 and lines[0].startswith("the king") and len(lines[0]) == len("the king") + 30
-    assert lines[0] in pred.stdout
+    # prompt + 30 characters + a blank line, twice (split by length: a text may hold blank lines itself)
+    written = out.read_text()
+    first = len("the king") + 30
+    assert written.startswith("the king") and written[first : first + 4] == "\n\nmy"
+    assert len(written) == first + 2 + len("my") + 30 + 2 and written == pred.stdout
 
     bad = run_charlm(
         "predict",

@@ -1,12 +1,16 @@
 """Real 2-process DDP on CPU (gloo) through the console script: exact validation and resume across ranks."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 
-from tests.conftest import charlm_main, make_corpus, run_charlm
+from tests.conftest import CHARLM, charlm_main, make_corpus, run_charlm
 from tests.test_cli import TINY, scalars
 from tests.test_resume import ENV, callbacks
 
@@ -21,7 +25,7 @@ RUN = [
     "10",
     "--sample.every_n_steps",
     "10",
-    "--sample.max_new_tokens",
+    "--generate.max_new_tokens",
     "8",
 ]
 
@@ -34,8 +38,13 @@ def val_loss(stdout: str) -> float:
 def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     corpus = make_corpus(tmp)
-    masks = callbacks("RecordDropout", step=5, path=str(tmp / "mask"))  # saves only: the run is unchanged
-    res = run_charlm("fit", *RUN, *DDP, "--data.path", str(corpus), *masks, cwd=tmp, env=ENV)
+    # Both only record (dropout masks at step 5, samples per rank): the run is unchanged.
+    spies = [
+        {"class_path": "tests.helpers.RecordDropout", "init_args": {"step": 5, "path": str(tmp / "mask")}},
+        {"class_path": "tests.helpers.CountSamples", "init_args": {"path": str(tmp / "samples")}},
+    ]
+    spy = ["--trainer.callbacks", json.dumps(spies)]
+    res = run_charlm("fit", *RUN, *DDP, "--data.path", str(corpus), *spy, cwd=tmp, env=ENV)
     assert res.returncode == 0, res.stderr
     return tmp, corpus
 
@@ -71,11 +80,28 @@ def test_ddp_validate_equals_single_process(ddp_run):
     assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # each rank's own RNG state
 
 
-def test_ddp_resume_is_exact(ddp_run, tmp_path):
+def test_samples_are_made_on_rank_0_only(ddp_run):
+    tmp, _ = ddp_run
+    assert [int((tmp / f"samples.rank{r}").read_text()) for r in (0, 1)] == [2, 0]  # steps 10 and 20
+
+
+def test_ddp_resume_after_sigkill_is_exact(ddp_run, tmp_path):
+    """Both processes killed at once (a lost node) at step 15; resumed from the last.ckpt of step 10."""
     ref_tmp, corpus = ddp_run
     data = ["--data.path", str(corpus)]
-    first = run_charlm("fit", *RUN, *DDP, *data, *callbacks("StopAtStep", step=10), cwd=tmp_path, env=ENV)
-    assert first.returncode == 0, first.stderr
+    args = [CHARLM, "fit", *RUN, *DDP, *data, *callbacks("HangAtStep", step=15)]
+    out = subprocess.DEVNULL
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=os.environ | ENV, stdout=out, stderr=out, start_new_session=True
+    )
+    ckpt = tmp_path / "logs/charlm/version_0/checkpoints/last.ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt.exists() and _step(ckpt) == 10):
+        time.sleep(0.5)
+    time.sleep(2)  # both ranks now hang at step 15
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _step(ckpt) == 10
     resumed = run_charlm("fit", *RUN, *DDP, *data, "--ckpt_path", "last", cwd=tmp_path, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "logs/charlm/version_0/checkpoints/last.ckpt", weights_only=True)
@@ -83,6 +109,13 @@ def test_ddp_resume_is_exact(ddp_run, tmp_path):
     assert a["global_step"] == b["global_step"] == 20
     for k in b["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
+def _step(ckpt) -> int | None:
+    try:
+        return torch.load(ckpt, weights_only=True, mmap=True)["global_step"]
+    except Exception:  # still being written
+        return None
 
 
 def test_single_process_checkpoint_resumes_under_ddp(ddp_run, tmp_path):
@@ -116,7 +149,7 @@ def test_ddp_predict_writes_one_file_per_rank(ddp_run, tmp_path):
         str(best),
         "--data.prompts",
         json.dumps(prompts),
-        "--data.max_new_tokens",
+        "--generate.max_new_tokens",
         "10",
         *DDP,
         "--writer.output",
@@ -132,7 +165,7 @@ def test_ddp_predict_writes_one_file_per_rank(ddp_run, tmp_path):
     assert len(rank0) == len("the") + len("king") + 2 * (10 + 2) and len(rank1) == len("my lord") + 10 + 2
 
 
-@pytest.mark.parametrize("seed", [[], ["--data.sample_seed", "3"]], ids=["no seed", "seed"])
+@pytest.mark.parametrize("seed", [[], ["--generate.seed", "3"]], ids=["no seed", "seed"])
 def test_ddp_copies_of_one_prompt_differ(ddp_run, tmp_path, seed):
     tmp, _ = ddp_run
     best = tmp / "logs/charlm/version_0/checkpoints/best.ckpt"
@@ -144,7 +177,7 @@ def test_ddp_copies_of_one_prompt_differ(ddp_run, tmp_path, seed):
         '["the"]',
         "--data.num_samples",
         "4",
-        "--data.max_new_tokens",
+        "--generate.max_new_tokens",
         "30",
         *seed,
         *DDP,

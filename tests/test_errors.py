@@ -52,7 +52,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 BEST = "logs/charlm/version_0/checkpoints/best.ckpt"
 FIT = ["fit", *TINY, *SHORT, "--data.path", "corpus.txt"]
-PRED = ["predict", "--ckpt_path", BEST, "--trainer.logger", "false", "--data.max_new_tokens", "5"]
+PRED = ["predict", "--ckpt_path", BEST, "--trainer.logger", "false", "--generate.max_new_tokens", "5"]
 PREDICT = [*PRED, "--writer.output", "out.txt"]
 CASES = {
     "corpus missing": (["fit", *TINY, "--data.path", "nope.txt"], r"corpus file not found: nope\.txt"),
@@ -74,14 +74,20 @@ CASES = {
     ),
     "data block longer than model": ([*FIT, "--data.block_size", "64"], r"longer than the model's context"),
     "max_new_tokens zero": (
-        [*PREDICT, "--data.max_new_tokens", "0"],
-        r"data\.max_new_tokens must be a positive",
+        [*PREDICT, "--generate.max_new_tokens", "0"],
+        r"generate\.max_new_tokens must be between 1 and",
     ),
-    "temperature negative": ([*PREDICT, "--data.temperature", "-1"], r"temperature must be >= 0"),
-    "top_k zero": ([*PREDICT, "--data.top_k", "0"], r"top_k must be >= 1, got 0"),
-    "top_k above vocabulary": ([*PREDICT, "--data.top_k", "500"], r"top_k must be between 1 and .*\(\d+\)"),
-    "top_p zero": ([*PREDICT, "--data.top_p", "0"], r"top_p must be in \(0, 1\]"),
-    "top_p above one": ([*PREDICT, "--data.top_p", "1.5"], r"top_p must be in \(0, 1\]"),
+    "temperature negative": (
+        [*PREDICT, "--generate.temperature", "-1"],
+        r"generate\.temperature must be >= 0",
+    ),
+    "top_k zero": ([*PREDICT, "--generate.top_k", "0"], r"top_k must be >= 1, got 0"),
+    "top_k above vocabulary": (
+        [*PREDICT, "--generate.top_k", "500"],
+        r"top_k must be between 1 and .*\(\d+\)",
+    ),
+    "top_p zero": ([*PREDICT, "--generate.top_p", "0"], r"top_p must be in \(0, 1\]"),
+    "top_p above one": ([*PREDICT, "--generate.top_p", "1.5"], r"top_p must be in \(0, 1\]"),
     "prompt unknown characters": ([*PREDICT, "--data.prompts", '["my lord?"]'], r"'\?' at position 7"),
     "checkpoint missing": (
         ["validate", *TINY, "--ckpt_path", "gone.ckpt"],
@@ -201,7 +207,7 @@ def test_any_utf8_text_and_long_prompts_work(work):
         str(best),
         "--data.prompts",
         prompts,
-        "--data.max_new_tokens",
+        "--generate.max_new_tokens",
         "20",
         "--trainer.logger",
         "false",

@@ -135,8 +135,8 @@ def test_help_is_quick_and_says_what_the_options_mean(tmp_path):
     assert seconds < 30  # a timing is measured in the note, not asserted; this only catches a hang
     fit_help = charlm_main("fit", "--help", cwd=tmp_path).stdout
     assert "--data.vocab VOCAB" not in fit_help.split("ARG:")[-1] and "[--data.vocab" not in fit_help
-    data = re.findall(r"\n  (--data\.\w+) [A-Z_ {},a-z]*\n? +(\S[^\n]*)", fit_help)
-    assert len(data) >= 15 and not [opt for opt, text in data if text.startswith("(type:")]
+    options = re.findall(r"\n  (--(?:data|generate|writer)\.\w+) [A-Z_ {},a-z]*\n? +(\S[^\n]*)", fit_help)
+    assert len(options) >= 18 and not [opt for opt, text in options if text.startswith("(type:")]
     assert "newest" in fit_help and "`last`" in fit_help  # --ckpt_path in this project's words
     assert "Shared by both" not in charlm_main("fit", "--model.help", "GPTLM", cwd=tmp_path).stdout
 
@@ -147,7 +147,7 @@ def test_predict_jsonl_and_a_fresh_seed_said_aloud(tmp_path, corpus, caplog):
         "predict",
         "--ckpt_path",
         "logs/charlm/version_0/checkpoints/best.ckpt",
-        "--data.max_new_tokens",
+        "--generate.max_new_tokens",
         "30",
     ]
     pred += ["--data.prompts", '["", "The king"]', "--writer.format", "jsonl"]
@@ -160,8 +160,56 @@ def test_predict_jsonl_and_a_fresh_seed_said_aloud(tmp_path, corpus, caplog):
     )
     assert records[0][0]["temperature"] == 0.8 and records[0][0]["max_new_tokens"] == 30
     assert records[0] != records[1]  # a fresh seed per run
-    again = charlm_main(
-        *pred, "--data.sample_seed", str(seeds[0]), "--writer.output", "p.jsonl", cwd=tmp_path
-    )
+    again = charlm_main(*pred, "--generate.seed", str(seeds[0]), "--writer.output", "p.jsonl", cwd=tmp_path)
     assert again.returncode == 0 and [json.loads(line) for line in again.stdout.splitlines()] == records[0]
     assert (tmp_path / "p.jsonl").read_text(encoding="utf-8") == again.stdout
+
+
+def test_the_python_api_stdin_and_one_settings_type(tmp_path, corpus):
+    """load() + generate/stream give predict's text for a seed; prompts from stdin; --generate.* sets both
+    predict and the samples during training."""
+    import lightning_charlm
+
+    fit(
+        tmp_path,
+        "--data.path",
+        str(corpus),
+        "--trainer.max_steps",
+        "10",
+        "--sample.every_n_steps",
+        "5",
+        "--generate.max_new_tokens",
+        "7",
+    )
+    run = tmp_path / "logs/charlm/version_0"
+    samples = scalars(run).Tensors("samples/text_summary")
+    assert [len(e.tensor_proto.string_val[0].decode().strip()) for e in samples] == [7, 7]
+    best = str(run / "checkpoints/best.ckpt")
+    settings = ["--generate.max_new_tokens", "40", "--generate.seed", "11", "--generate.temperature", "1.0"]
+    piped = subprocess.run(
+        [
+            CHARLM,
+            "predict",
+            "--ckpt_path",
+            best,
+            "--data.prompts_file",
+            "-",
+            "--writer.format",
+            "jsonl",
+            *settings,
+        ],
+        input="The king\nMy lord\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    records = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == ["The king", "My lord"]
+    lm = lightning_charlm.load(best)
+    assert lm.generate(["The king", "My lord"], max_new_tokens=40, seed=11, temperature=1.0) == [
+        r["text"] for r in records
+    ]
+    assert "".join(lm.stream("The king", max_new_tokens=40, seed=11, temperature=1.0)) == records[0]["text"]
+    assert not lm.training and str(next(lm.parameters()).device) == "cpu"

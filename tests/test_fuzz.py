@@ -17,7 +17,8 @@ FIT_OPTIONS = [
     *(f"model.{k}" for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "lr", "min_lr")),
     *(f"model.{k}" for k in ("warmup_steps", "weight_decay", "label_smoothing")),
     *(f"data.{k}" for k in ("block_size", "batch_size", "val_stride", "val_batch_size", "seed")),
-    *(f"sample.{k}" for k in ("every_n_steps", "max_new_tokens", "temperature", "top_k", "seed")),
+    "sample.every_n_steps",
+    *(f"generate.{k}" for k in ("max_new_tokens", "temperature", "top_k", "seed")),
     *(f"checkpoint.{k}" for k in ("last_every_n_steps", "save_top_k", "every_n_train_steps")),
     "early_stopping.patience",
     "early_stopping.min_delta",
@@ -25,8 +26,8 @@ FIT_OPTIONS = [
     *(f"trainer.{k}" for k in ("accumulate_grad_batches", "limit_val_batches", "num_sanity_val_steps")),
 ]
 PREDICT_OPTIONS = [
-    f"data.{k}"
-    for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "sample_seed", "batch_size")
+    *(f"data.{k}" for k in ("num_samples", "batch_size")),
+    *(f"generate.{k}" for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")),
 ]
 # A run with a fuzzed value that is accepted ends after 4 batches, whatever max_steps or accumulation say.
 STOP = json.dumps([{"class_path": "tests.test_fuzz.StopAfterBatches", "init_args": {"batches": 4}}])
@@ -76,7 +77,7 @@ FIT = [
     "false",
     "--sample.every_n_steps",
     "2",
-    "--sample.max_new_tokens",
+    "--generate.max_new_tokens",
     "2",
     "--trainer.callbacks",
     STOP,
@@ -108,5 +109,5 @@ def test_predict_options(option, work, monkeypatch, capsys):
             ]
         )
     for value in VALUES:
-        args = ["predict", "--ckpt_path", str(best), "--data.max_new_tokens", "4", f"--{option}", value]
+        args = ["predict", "--ckpt_path", str(best), "--generate.max_new_tokens", "4", f"--{option}", value]
         run(args, capsys)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lightning_charlm import GPTLM
 from lightning_charlm.models import GPT, Bigram, GPTConfig
-from lightning_charlm.sampling import filter_logits, generate, sample_text
+from lightning_charlm.sampling import GenerationConfig, filter_logits, generate, sample_text, stream_text
 from lightning_charlm.tokenizer import CharTokenizer
 
 
@@ -97,9 +97,9 @@ def test_same_seed_same_sample_and_stop_string():
     tok = CharTokenizer("\n abcdefghij")
     torch.manual_seed(0)
     model = GPT(GPTConfig(len(tok), 16, 1, 1, 16, 0.0)).eval()
-    a = sample_text(model, tok, ["ab", "", "abc"], 30, temperature=1.0, seed=7)
-    b = sample_text(model, tok, ["ab", "", "abc"], 30, temperature=1.0, seed=7)
-    c = sample_text(model, tok, ["ab", "", "abc"], 30, temperature=1.0, seed=8)
+    a = sample_text(model, tok, ["ab", "", "abc"], GenerationConfig(30, temperature=1.0, seed=7))
+    b = sample_text(model, tok, ["ab", "", "abc"], GenerationConfig(30, temperature=1.0, seed=7))
+    c = sample_text(model, tok, ["ab", "", "abc"], GenerationConfig(30, temperature=1.0, seed=8))
     assert a == b and a != c
     assert all(len(t) == 30 for t in a)
 
@@ -118,10 +118,10 @@ def cycle(text: str) -> tuple[Bigram, CharTokenizer]:
 
 def test_stop_string_cuts_after_its_first_appearance_in_the_continuation():
     model, tok = cycle("abcd")
-    texts = sample_text(model, tok, ["a", "c"], 20, temperature=1.0, seed=0, stop="da")
+    texts = sample_text(model, tok, ["a", "c"], GenerationConfig(20, temperature=1.0, seed=0, stop="da"))
     assert texts == ["bcda", "da"]  # cut right after the stop string, which is kept
     # A stop string that spans the prompt's end ("...a" + "b") does not count: only the continuation's.
-    assert sample_text(model, tok, ["a"], 20, temperature=0, stop="ab") == ["bcdab"]
+    assert sample_text(model, tok, ["a"], GenerationConfig(20, temperature=0, stop="ab")) == ["bcdab"]
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -139,3 +139,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
         block_runs.append(len(runs))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
     assert block_runs == [2, 4]  # with checkpointing each block's forward runs again in the backward pass
+
+
+def test_a_stream_joins_to_the_generated_text():
+    torch.manual_seed(0)
+    tok = CharTokenizer("\nabcdefgh")
+    model = GPT(GPTConfig(vocab_size=len(tok), block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    for settings in (
+        GenerationConfig(30, temperature=1.0, seed=3),
+        GenerationConfig(30, temperature=1.0, seed=3, stop="a"),
+    ):
+        pieces = list(stream_text(model, tok, "abc", settings))
+        assert all(len(p) == 1 for p in pieces)  # a character at a time
+        assert "".join(pieces) == sample_text(model, tok, ["abc"], settings)[0]
+    assert "".join(pieces).endswith("a") and len(pieces) < 30  # ended at the stop string

@@ -84,7 +84,7 @@ def test_samples_leave_training_untouched(tmp_path, corpus):
     for every in ("1000", "3", "7"):
         (tmp_path / every).mkdir()
         run = fit(tmp_path / every, corpus, "--trainer.max_steps", "20", "--model.dropout", "0.2",
-                  "--sample.every_n_steps", every, "--sample.max_new_tokens", "5")  # fmt: skip
+                  "--sample.every_n_steps", every, "--generate.max_new_tokens", "5")  # fmt: skip
         weights.append(torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"])
     for other in weights[1:]:
         assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
@@ -121,7 +121,7 @@ def test_predict_options_through_the_cli(trained, tmp_path):
         "--data.num_samples",
         "2",
     ]
-    base += ["--data.max_new_tokens", "25", "--data.sample_seed", "5"]
+    base += ["--generate.max_new_tokens", "25", "--generate.seed", "5"]
     a = charlm_main(*base, "--writer.output", "a.txt", cwd=tmp_path)
     b = charlm_main(*base, "--writer.output", "b.txt", cwd=tmp_path)
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
@@ -130,7 +130,7 @@ def test_predict_options_through_the_cli(trained, tmp_path):
     assert texts == records(tmp_path / "b.txt", sizes)  # same seed, same text
     assert [t[:8] for t in texts[:2]] == ["the king"] * 2 and [t[:7] for t in texts[2:]] == ["my lord"] * 2
     assert texts[0] != texts[1]  # the two samples of one prompt differ
-    stop = charlm_main(*base, "--data.stop", "e", "--writer.output", "s.txt", cwd=tmp_path)
+    stop = charlm_main(*base, "--generate.stop", "e", "--writer.output", "s.txt", cwd=tmp_path)
     assert stop.returncode == 0, stop.stderr
     for full, cut in zip(texts, (tmp_path / "s.txt").read_text(encoding="utf-8").split("\n\n"), strict=False):
         prompt = full[:8] if full.startswith("the") else full[:7]

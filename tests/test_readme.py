@@ -22,7 +22,14 @@ SMALL_GPT = [
     "32",
 ]
 SMALL = ["--data.batch_size", "8", "--data.val_batch_size", "512", "--trainer.val_check_interval", "4"]
-SMALL += ["--trainer.log_every_n_steps", "1", "--sample.every_n_steps", "4", "--sample.max_new_tokens", "10"]
+SMALL += [
+    "--trainer.log_every_n_steps",
+    "1",
+    "--sample.every_n_steps",
+    "4",
+    "--generate.max_new_tokens",
+    "10",
+]
 SMALL += ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
 
 
@@ -48,7 +55,7 @@ def test_the_usage_and_resume_commands_work_as_documented(tmp_path):
         elif args[0] == "validate":
             args += ["--trainer.accelerator", "cpu"]
         elif args[0] == "predict":
-            args += ["--data.max_new_tokens", "20", "--trainer.accelerator", "cpu"]
+            args += ["--generate.max_new_tokens", "20", "--trainer.accelerator", "cpu"]
         res = charlm_main(*args, cwd=tmp_path)
         assert res.returncode == 0, f"charlm {shlex.join(args)}:\n{res.stderr}"
         if args[0] == "predict":  # each prompt, continued by max_new_tokens characters, a blank line between

@@ -27,7 +27,7 @@ RUN = [
     "10",
     "--sample.every_n_steps",
     "12",
-    "--sample.max_new_tokens",
+    "--generate.max_new_tokens",
     "8",
 ]
 
