@@ -159,26 +159,30 @@ def fsdp(c: Check) -> None:
 
 
 def generation(c: Check) -> None:
+    from lightning_charlm import sampling
     from lightning_charlm.models import GPT, GPTConfig
-    from lightning_charlm.sampling import generate
 
     device = "cpu" if c.smoke else "cuda"
+    if c.smoke:  # the same tracing of the decode step as one graph, without minutes of C++ compiling
+        sampling.COMPILE = {"backend": "aot_eager", "fullgraph": True}
     shape = dict(block_size=32, n_layer=2, n_head=2, n_embd=32) if c.smoke else {}
     net = GPT(GPTConfig(vocab_size=65, dropout=0.0, **shape)).to(device).eval()
-    new = 20 if c.smoke else 200
-    for batch in (1, 16, 256):
-        prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        rates = []
-        for _ in range(2):  # the first is a warm-up
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                start = sync(device)
-                generate(net, prompt, new, temperature=1.0)
-                rates.append(batch * new / (sync(device) - start))
-        c.row(
-            "generation",
-            f"KV cache, bf16 autocast, batch {batch}, {new} tokens",
-            f"{max(rates[1:]):.0f} tok/s",
-        )
+    new = 20 if c.smoke else 500
+    for compile in (False, True):
+        for batch in (1, 16, 256):
+            prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            rates = []
+            for _ in range(3):  # the first is a warm-up (and compiles)
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                    start = sync(device)
+                    sampling.generate(net, prompt, new, temperature=1.0, compile=compile)
+                    rates.append(batch * new / (sync(device) - start))
+            how = "compiled decode step + CUDA graph" if compile else "eager"
+            c.row(
+                "generation",
+                f"KV cache, {how}, bf16, batch {batch}, {new} tokens",
+                f"{max(rates[1:]):.0f} tok/s",
+            )
 
 
 def memory(c: Check) -> None:

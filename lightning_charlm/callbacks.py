@@ -162,7 +162,10 @@ class SampleText(L.Callback):
         self._last_step = step  # with gradient accumulation several batches end on one step
         full = FullyShardedDataParallel.summon_full_params if sharded else None
         with full(trainer.model, writeback=False) if full else contextlib.nullcontext():
-            settings = replace(pl_module.generation, seed=(pl_module.generation.seed or 0) + step)
+            # Eager: samples are rare, and a compiled step would cost seconds of training time to compile.
+            settings = replace(
+                pl_module.generation, seed=(pl_module.generation.seed or 0) + step, compile=False
+            )
             text = pl_module.generate([self.prompt], settings)[0]
         if not trainer.is_global_zero:
             return

@@ -37,6 +37,9 @@ class GenerationConfig:
         top_p: sample from the smallest set of characters with this much probability.
         stop: cut each continuation after the first occurrence of this string.
         seed: the sampling seed; default a fresh one per predict run (printed), 0 for training samples.
+        compile: compile the one-token decode step as one graph, replayed as a CUDA graph on a GPU
+            (torch.compile, mode reduce-overhead; each batch size compiles once). Off by default until it is
+            measured on a GPU. Samples during training stay eager.
     """
 
     max_new_tokens: int = 500
@@ -45,6 +48,7 @@ class GenerationConfig:
     top_p: float | None = None
     stop: str | None = None
     seed: int | None = None
+    compile: bool = False
 
     def __post_init__(self):
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
@@ -80,6 +84,8 @@ def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) 
     return torch.multinomial(probs, 1, generator=generator)
 
 
+# One graph for the whole step (fullgraph: a graph break would fail loudly), replayed as a CUDA graph.
+COMPILE = {"mode": "reduce-overhead", "fullgraph": True}
 STOP_CHECK_EVERY = 8  # tokens between checks of the stop string: each check waits for the device
 
 
@@ -95,6 +101,7 @@ def decode(
     use_cache: bool = True,
     stop_ids: list[int] | None = None,
     interrupted: Callable[[], bool] | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """The generation loop: yields the next token of every row of idx (B, T), as (B, 1), up to
     max_new_tokens times (fewer once every row has produced `stop_ids`, or when `interrupted()`).
@@ -102,9 +109,12 @@ def decode(
     The context is at most block_size tokens. When it would overflow, it slides by a quarter block at once
     (keeping the last 3/4), so a KV cache is refilled once per quarter block instead of at every token.
     Positions always count from the window's start, exactly as in training, and the cached and uncached
-    paths see the same windows, so their greedy outputs are equal token for token.
+    paths see the same windows, so their greedy outputs are equal token for token. With the cache, a window
+    is prefilled in one forward, then each token is one `decode_step` (fixed shapes, the position a device
+    tensor), compiled and CUDA-graphed when `compile`.
     """
     block = model.block_size
+    step_fn = _decode_step(model, compile) if use_cache and hasattr(model, "decode_step") else None
     keep = max(1, block - block // 4)
     cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
     start, fed = max(0, idx.size(1) - block), 0  # window start; tokens of the window already cached
@@ -121,9 +131,13 @@ def decode(
         window = idx[:, start:]
         if cache is None:
             logits = model(window)[:, -1]
-        else:
+        elif fed == 0 or step_fn is None:  # a prefill of the whole window (or the next tokens)
             logits = model(window[:, fed:], cache=cache)[:, -1]
             fed = window.size(1)
+            pos = torch.full((1,), fed, device=idx.device)
+        else:  # the newest token, at position `pos` (== fed); `pos` moves on the device: no host sync
+            logits = step_fn(window[:, -1:], pos, cache, None if compile else fed + 1)
+            pos, fed = pos + 1, fed + 1  # a new tensor: a CUDA graph may still hold the old one
         # A diverged model gives nan/inf logits, on which sampling would fail (on CUDA with a device assert
         # that ends the process): sample those rows from zeros instead, and report it after the loop.
         ok = logits.isfinite().all(-1, keepdim=True)
@@ -139,6 +153,15 @@ def decode(
         raise CharLMError(
             "the model's outputs are not finite (nan or inf): it diverged, it cannot be sampled"
         )
+
+
+def _decode_step(model: nn.Module, compile: bool):
+    """The model's decode step, compiled once per model when asked (each batch size compiles once)."""
+    if not compile:
+        return model.decode_step
+    if getattr(model, "_compiled_decode_step", None) is None:
+        model._compiled_decode_step = torch.compile(model.decode_step, **COMPILE)
+    return model._compiled_decode_step  # called without `length`: fixed shapes, the mask instead
 
 
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> torch.Tensor:
@@ -177,7 +200,7 @@ def stream_text(
     s = settings
     steps = decode(
         model, encoded[0][None].to(device), s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator,
-        use_cache, stop_ids, interrupted,
+        use_cache, stop_ids, interrupted, s.compile,
     )  # fmt: skip
     text = ""
     for token in steps:
@@ -209,7 +232,7 @@ def sample_text(
         idx = torch.stack([encoded[i] for i in rows]).to(device)
         res = generate(
             model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator, use_cache, stop_ids,
-            interrupted,
+            interrupted, s.compile,
         )  # fmt: skip
         for i, ids in zip(rows, res[:, length:], strict=True):
             text = tokenizer.decode(ids)

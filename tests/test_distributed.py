@@ -139,10 +139,12 @@ def test_single_process_checkpoint_resumes_under_ddp(ddp_run, tmp_path):
     assert len(val) == 2 and val[1] < val[0]
 
 
-def test_ddp_predict_writes_one_file_per_rank(ddp_run, tmp_path):
+def test_ddp_predict_writes_one_file_per_rank_and_copies_differ(ddp_run, tmp_path):
+    """3 prompts + 4 copies of one, split over 2 ranks: a file per rank, every copy its own text, and one
+    fresh seed for the run, the same on both ranks (broadcast)."""
     tmp, _ = ddp_run
     best = tmp / "logs/charlm/version_0/checkpoints/best.ckpt"
-    prompts = ["the", "my lord", "king"]
+    prompts = ["the", "my lord", "king", *["the"] * 4]
     res = run_charlm(
         "predict",
         "--ckpt_path",
@@ -150,46 +152,21 @@ def test_ddp_predict_writes_one_file_per_rank(ddp_run, tmp_path):
         "--data.prompts",
         json.dumps(prompts),
         "--generate.max_new_tokens",
-        "10",
-        *DDP,
-        "--writer.output",
-        str(tmp_path / "p.txt"),
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr
-    files = sorted(tmp_path.glob("p.rank*.txt"))
-    assert [f.name for f in files] == ["p.rank0.txt", "p.rank1.txt"]
-    # Rank r continues every other prompt starting at r; a record is prompt + 10 characters + a blank line.
-    rank0, rank1 = (f.read_text(encoding="utf-8") for f in files)
-    assert rank0.startswith("the") and rank1.startswith("my lord")
-    assert len(rank0) == len("the") + len("king") + 2 * (10 + 2) and len(rank1) == len("my lord") + 10 + 2
-
-
-@pytest.mark.parametrize("seed", [[], ["--generate.seed", "3"]], ids=["no seed", "seed"])
-def test_ddp_copies_of_one_prompt_differ(ddp_run, tmp_path, seed):
-    tmp, _ = ddp_run
-    best = tmp / "logs/charlm/version_0/checkpoints/best.ckpt"
-    res = run_charlm(
-        "predict",
-        "--ckpt_path",
-        str(best),
-        "--data.prompts",
-        '["the"]',
-        "--data.num_samples",
-        "4",
-        "--generate.max_new_tokens",
         "30",
-        *seed,
+        "--writer.format",
+        "jsonl",
         *DDP,
         "--writer.output",
-        str(tmp_path / "p.txt"),
+        str(tmp_path / "p.jsonl"),
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr
-    # Each record is the prompt, 30 characters and a blank line; the texts may hold blank lines themselves.
-    size = len("the") + 30
-    files = [f.read_text(encoding="utf-8") for f in sorted(tmp_path.glob("p.rank*.txt"))]
-    assert [len(f) for f in files] == [2 * (size + 2)] * 2
-    texts = [f[i : i + size] for f in files for i in (0, size + 2)]
-    assert all(t.startswith("the") for t in texts)
-    assert len(set(texts)) == 4, texts
+    files = sorted(tmp_path.glob("p.rank*.jsonl"))
+    assert [f.name for f in files] == ["p.rank0.jsonl", "p.rank1.jsonl"]
+    ranks = [[json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()] for f in files]
+    # Rank r continues every other prompt starting at r.
+    assert [[r["prompt"] for r in records] for records in ranks] == [prompts[0::2], prompts[1::2]]
+    assert all(len(r["text"]) == 30 for records in ranks for r in records)
+    the = [r["text"] for records in ranks for r in records if r["prompt"] == "the"]
+    assert len(the) == 5 and len(set(the)) == 5, the
+    assert len({r["seed"] for records in ranks for r in records}) == 1  # one run seed, agreed by the ranks

@@ -153,3 +153,22 @@ def test_a_stream_joins_to_the_generated_text():
         assert all(len(p) == 1 for p in pieces)  # a character at a time
         assert "".join(pieces) == sample_text(model, tok, ["abc"], settings)[0]
     assert "".join(pieces).endswith("a") and len(pieces) < 30  # ended at the stop string
+
+
+def test_the_static_cache_and_the_compiled_step_decode_as_the_uncached_net(monkeypatch):
+    """Greedy tokens equal across a sliding window: no cache, the cache with the eager decode step, and the
+    step compiled as one graph (fullgraph). On a CPU the compiled step uses the aot_eager backend: the same
+    tracing, without minutes of C++ compiling; CUDA adds inductor's kernels and the graph replay."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)).eval()
+    idx = torch.randint(11, (2, 5))
+    plain = generate(model, idx, 60, temperature=0, use_cache=False)  # 65 tokens: the window slides 4 times
+    assert torch.equal(generate(model, idx, 60, temperature=0, use_cache=True), plain)
+    monkeypatch.setattr("lightning_charlm.sampling.COMPILE", {"backend": "aot_eager", "fullgraph": True})
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert torch.equal(generate(model, idx, 60, temperature=0, compile=True), plain)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and torch.equal(generate(model, idx, 60, temperature=0, compile=True), plain)
+    assert counters["stats"]["unique_graphs"] == graphs  # every position, every window: no recompile

@@ -24,7 +24,9 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for up to block_size positions; `pos` is how many are filled."""
+    """Keys and values of every layer for block_size positions, allocated once, so a decode step has the same
+    shapes at every position (which lets it be compiled and captured as a CUDA graph); `pos` is how many
+    positions a multi-token forward (a prefill) has filled."""
 
     def __init__(self, cfg: GPTConfig):
         self.cfg = cfg
@@ -37,10 +39,18 @@ class KVCache:
             shape = (self.cfg.n_layer, *k.shape[:2], self.cfg.block_size, k.size(3))
             self.k = k.new_zeros(shape)
             self.v = v.new_zeros(shape)
+            for t in (self.k, self.v):  # fixed addresses: CUDA graphs may update them in place
+                torch._dynamo.mark_static_address(t)
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store one position's k, v (B, H, 1, hd) at `pos` (a 1-element tensor); return all block_size."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -51,11 +61,20 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, step: tuple | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (
             self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         )  # (B, H, T, hd)
+        if step is not None:  # one decode step: attend to the cached positions up to `pos`
+            pos, mask, length = step
+            k, v = cache.write(layer, pos, k, v)
+            if length is not None:  # eager: read only the filled part (the masked rest is memory traffic)
+                k, v = k[:, :, :length], v[:, :, :length]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         # Causal masking is needed when queries and keys start together (training, or a prefill from an
         # empty cache); a single decode step may attend to every cached position.
         causal = cache is None or cache.pos == 0
@@ -86,8 +105,10 @@ class Block(nn.Module):
         self.ln1, self.attn = nn.LayerNorm(cfg.n_embd, bias=False), CausalSelfAttention(cfg)
         self.ln2, self.mlp = nn.LayerNorm(cfg.n_embd, bias=False), MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, step: tuple | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer, step)
         return x + self.mlp(self.ln2(x))
 
 
@@ -128,6 +149,19 @@ class GPT(nn.Module):
         not the net's. Shapes are static (training batches all have one shape)."""
         for block in self.blocks:
             block.compile(dynamic=False)
+
+    def decode_step(
+        self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache, length: int | None = None
+    ) -> torch.Tensor:
+        """Logits (B, V) of the next token after `token` (B, 1) at position `pos` (a 1-element tensor on the
+        device), with the cache already holding positions < pos. Without `length` every shape is the same at
+        every position and nothing waits for the host, so the step can be compiled (fullgraph) and captured
+        as a CUDA graph; eager callers pass length = pos + 1 to attend to the filled part only."""
+        x = self.wte(token) + self.wpe(pos)  # (B, 1, C)
+        mask = None if length else (torch.arange(self.cfg.block_size, device=pos.device) <= pos)[None]
+        for i, block in enumerate(self.blocks):
+            x = block.forward(x, cache, i, (pos, mask, length))
+        return self.head(self.ln_f(x))[:, -1]
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T = idx.shape
