@@ -3,6 +3,8 @@ found by corpus, a quiet console with a summary, TensorBoard's HParams tab, read
 tools can read and a seed that is said aloud."""
 
 import json
+import os
+import pty
 import re
 import shutil
 import subprocess
@@ -215,3 +217,31 @@ def test_the_python_api_stdin_and_one_settings_type(tmp_path, corpus):
     alone = lm.generate("The king", max_new_tokens=40, seed=11, temperature=1.0)  # one prompt: a str
     assert "".join(lm.stream("The king", max_new_tokens=40, seed=11, temperature=1.0)) == alone
     assert not lm.training and str(next(lm.parameters()).device) == "cpu"
+
+
+def test_one_prompt_streams_to_a_terminal(tmp_path, corpus):
+    """On a terminal (a pseudo-terminal here) one prompt's text arrives in many pieces as it is generated,
+    without a progress bar breaking it up, and equals the API's text for the seed."""
+    import lightning_charlm
+
+    fit(tmp_path, "--data.path", str(corpus), "--trainer.max_steps", "10")
+    best = str(tmp_path / "logs/charlm/version_0/checkpoints/best.ckpt")
+    settings = ["--generate.max_new_tokens", "300", "--generate.seed", "5"]
+    main, terminal = pty.openpty()
+    cmd = [CHARLM, "predict", "--ckpt_path", best, "--data.prompts", '["The king"]', *settings]
+    proc = subprocess.Popen(cmd, stdout=terminal, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    os.close(terminal)
+    reads = []
+    while True:
+        try:
+            data = os.read(main, 4096)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not data:
+            break
+        reads.append(data.decode())
+    assert proc.wait(timeout=120) == 0
+    out = "".join(reads).replace("\r\n", "\n")
+    expected = lightning_charlm.load(best).generate("The king", max_new_tokens=300, seed=5)
+    assert out == "The king" + expected + "\n\n"
+    assert len([r for r in reads if r.strip()]) >= 10  # streamed: many writes, not one at the end
