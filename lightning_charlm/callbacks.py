@@ -127,9 +127,9 @@ def _short(value: Any) -> Any:
 
 
 class SampleText(L.Callback):
-    """Every `every_n_steps` optimizer steps, rank 0 samples a continuation of `prompt` and logs it, with the
-    run's --generate.* settings.
+    """Samples during training: every `every_n_steps` steps, a continuation of `prompt`, printed and logged.
 
+    The settings are the run's --generate.* ones.
     Sampling uses a private generator seeded from --generate.seed (or 0) plus the step, so the training RNG
     is untouched and samples are reproducible; the shared loop switches to eval mode and back. Under DDP no
     collective op runs, so the other ranks never wait on rank 0; under FSDP all ranks join (see
@@ -224,6 +224,6 @@ class RunSummary(L.Callback):
         where = f" -> {trainer.log_dir}" if trainer.logger is not None else " (no logger: nothing saved)"
         resumed = f", resuming at step {trainer.global_step}" if trainer.ckpt_path else ""
         return (
-            f"{p['model']}{shape} {p['parameters'] / 1e6:.2f} M parameters on {devices} ({p['precision']}); "
+            f"{p['model']}{shape} {p['parameters']:,} parameters on {devices} ({p['precision']}); "
             f"{p['corpus']}, {p['vocab_size']} characters{resumed}{where}"
         )

@@ -50,6 +50,9 @@ def default_precision() -> str:
 
 
 class CharLMParser(LightningArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --data.pa is a typo, not --data.path
+
     def error(self, message: str, ex: Exception | None = None):
         """A bad option: one `charlm: error:` line naming it (with a guess for a misspelt one), then where
         to find them all; not jsonargparse's usage and nested union report."""
@@ -82,6 +85,8 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
         guess = difflib.get_close_matches(option, known, n=1)
         return f"unknown option {option}" + (f" (did you mean {guess[0]}?)" if guess else "")
     reason = next((line for line in lines if line.startswith("Expected")), lines[-1])
+    if key == "--data.prompts":
+        reason += """ (a list, in JSON: '["ROMEO:", "JULIET:"]')"""
     return f"{key}: {reason}" if key else lines[0]
 
 
@@ -167,6 +172,11 @@ class CharLMCLI(LightningCLI):
             cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
         if cfg.ckpt_path == "last":
             cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger, cfg.data.path))
+        if not cfg.ckpt_path and self.config.subcommand in ("validate", "predict"):
+            raise CharLMError(
+                f"{self.config.subcommand} needs a trained model: pass --ckpt_path "
+                "logs/NAME/version_N/checkpoints/best.ckpt (or `last`)"
+            )
         if not cfg.ckpt_path:
             return
         ckpt = check_checkpoint(cfg.ckpt_path)
@@ -194,8 +204,9 @@ class CharLMCLI(LightningCLI):
             if conflicts:
                 raise CharLMError(
                     f"{cfg.ckpt_path} holds a model with other options than this command asks for: "
-                    f"{'; '.join(conflicts)}. The checkpoint's options are the ones it can use: drop these "
-                    "options (or use the config it was trained with), or start a new run without --ckpt_path"
+                    f"{'; '.join(conflicts)}. The checkpoint's options are the ones it can use: resume with "
+                    f"the run's own config (-c {Path(cfg.ckpt_path).parent.parent / 'config.yaml'}) or drop "
+                    "these options, or start a new run without --ckpt_path"
                 )
             for key in RUNTIME_OPTIONS:  # how to run it: the command line's choice stands
                 if key in asked_args:
@@ -284,11 +295,13 @@ class CharLMCLI(LightningCLI):
 
 
 SUBCOMMAND_HELP = {
+    "early_stopping.patience": "validation rounds without improvement of val/loss before training stops.",
+    "early_stopping.monitor": "the metric early stopping watches (default val/loss).",
     "ckpt_path": "a checkpoint: fit resumes it in its own run folder (every state restored); validate and "
     "predict use its model, which also makes its --model options the ones used. `last`: the newest "
     "logs/<name>/version_N/checkpoints/last.ckpt of this config's logger name, trained on a corpus of this "
     "file name.",
-    "weights_only": "load checkpoints as tensors and primitives only (default true); a file holding other "
+    "weights_only": "load checkpoints as tensors and primitives only (null means true); a file holding other "
     "objects is refused, never unpickled.",
 }
 
@@ -355,15 +368,19 @@ NOISE = (
     "💡 Tip:",
     "LOCAL_RANK:",
     "\nDetected KeyboardInterrupt",  # Ctrl-C before training: main() says "charlm: interrupted"
+    "Seed set to",  # the run summary says it; predict prints its own sampling seed
+    "Restoring states from the checkpoint",  # the run summary says "resuming at step N"
+    "Restored all states from the checkpoint",
+    "Loaded model weights from the checkpoint",
+    "`Trainer.fit` stopped: `max_steps",  # the run's end line follows
 )
 
 
 def _quiet() -> None:
     """Drop the lines Lightning prints on every command that say nothing about this run (devices it does not
     use, an advertisement, its signal bookkeeping, a deprecation inside Lightning itself)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith(NOISE)
-    )
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith(NOISE))
     # "[rank: 0] Received SIGTERM: 2" on Ctrl-C: the Checkpoint callback says what happens instead.
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -285,10 +285,12 @@ class CharLM(L.LightningModule):
         resumed_at = getattr(self, "_resumed_at", 0)
         if saved["total"] != total and resumed_at > hp.warmup_steps:
             old = self._factor(resumed_at, saved["total"], start, start_factor, floor)
-            rank_zero_info(
-                f"max_steps {saved['total']} -> {total}: the learning rate now decays from {hp.lr * old:.3g} "
-                f"at step {resumed_at} to {hp.min_lr:.3g} at step {total}"
-            )
+            if old - floor > 1e-6:
+                change = f"now decays from {hp.lr * old:.3g} at step {resumed_at} to {hp.min_lr:.3g}"
+                change += f" at step {total}"
+            else:  # a finished schedule: training on at min_lr, not a restart of the warmup and decay
+                change = f"had reached min_lr ({hp.min_lr:.3g}): the steps added run at min_lr"
+            rank_zero_info(f"max_steps {saved['total']} -> {total}: the learning rate {change}")
             start, start_factor = resumed_at, old
         self.schedule = {"total": total, "start": start, "start_factor": start_factor}  # saved in checkpoints
         return lambda step: self._factor(step, total, start, start_factor, floor)

@@ -27,8 +27,7 @@ def check_settings(temperature: float, top_k: int | None, top_p: float | None, v
 
 @dataclass
 class GenerationConfig:
-    """How text is generated (`--generate.*`): by `charlm predict`, by the samples during training, and by
-    the Python API.
+    """How text is generated: --generate.* for predict, the training samples and the Python API.
 
     Args:
         max_new_tokens: characters to generate per prompt.

@@ -109,6 +109,16 @@ CASES = {
         ],
         r"holds a GPTLM but the config asks for a BigramLM",
     ),
+    "predict without a checkpoint": (
+        ["predict", "--data.prompts", '["a"]'],
+        r"predict needs a trained model",
+    ),
+    "validate without a checkpoint": (
+        ["validate", *TINY],
+        r"validate needs a trained model: pass --ckpt_path",
+    ),
+    "prompts not a list": ([*PREDICT, "--data.prompts", "ROMEO:"], r"--data\.prompts: .*a list, in JSON"),
+    "an abbreviated option": ([*FIT, "--data.pa", "corpus.txt"], r"unknown option --data\.pa"),
     "other vocabulary": (
         ["validate", *TINY, "--data.path", "other.txt", "--ckpt_path", BEST],
         r"best\.ckpt was trained on other text than other\.txt: its vocabulary .* differs",

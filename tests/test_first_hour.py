@@ -80,7 +80,7 @@ def test_the_console_a_run_summary_and_the_hparams_tab(tmp_path, corpus, caplog)
     res = fit(tmp_path, "--data.path", str(corpus), "--trainer.max_steps", "25")
     run = tmp_path / "logs/charlm/version_0"
     assert re.search(
-        r"charlm: GPTLM 2 layers x 32, block 32, 0\.0\d M parameters on cpu \(32-true\); ", res.stdout
+        r"charlm: GPTLM 2 layers x 32, block 32, [\d,]+ parameters on cpu \(32-true\); ", res.stdout
     )
     assert f"corpus.txt, {len(set(corpus.read_text()))} characters -> logs/charlm/version_0" in res.stdout
     ea = scalars(run)
