@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from lightning_charlm.module import CharLM
-from lightning_charlm.runs import check_checkpoint
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> CharLM:
@@ -24,7 +23,6 @@ def load(path: str | Path, device: str | torch.device | None = None) -> CharLM:
     objects is refused, never unpickled. `generate` and `stream` take the fields of GenerationConfig as
     keyword arguments, and give the same text as `charlm predict` for the same seed and precision.
     """
-    check_checkpoint(str(path))
-    device = torch.device(device or "cpu")
+    device = torch.device(device or "cpu")  # CharLM.load_from_checkpoint checks the file first
     model = CharLM.load_from_checkpoint(str(path), map_location=device, weights_only=True)
     return model.to(device).eval()

@@ -18,6 +18,7 @@ from rich.progress import ProgressColumn, Task
 from rich.text import Text
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from lightning_charlm.corpus import TINY_SHAKESPEARE
 from lightning_charlm.errors import CharLMError
 
 
@@ -213,7 +214,7 @@ class RunSummary(L.Callback):
             "batch_size": dm.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches,
             "max_steps": trainer.max_steps,
             "precision": str(trainer.precision),
-            "corpus": Path(dm.hparams.path).name if dm.hparams.path else "tinyshakespeare.txt",
+            "corpus": Path(dm.hparams.path).name if dm.hparams.path else TINY_SHAKESPEARE,
             "vocab_size": len(pl_module.tokenizer.vocab),
         }
 

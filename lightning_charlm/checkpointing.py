@@ -24,7 +24,7 @@ class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint that never leaves a half-written file and loses at most `last_every_n_steps` steps.
 
     - Nothing is saved once the loss or the weights are non-finite: the run stops with a CharLMError instead.
-    - Files are written by runs.BackgroundCheckpointIO: in a background thread, to `NAME.tmp`, then renamed
+    - Files are written by BackgroundCheckpointIO (below): in a background thread, to `NAME.tmp`, then renamed
       over `NAME`, so training goes on meanwhile and a kill mid-write keeps the old file.
     - `last.ckpt` is also written every `last_every_n_steps` optimizer steps, not only at validation.
     - SIGTERM and the first Ctrl-C stop the run after the step in progress and write `last.ckpt`; Lightning

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, TokensPerSecond
 from lightning_charlm.checkpointing import Checkpoint
-from lightning_charlm.data import DEFAULT_BLOCK_SIZE, CharDataModule
+from lightning_charlm.data import CharDataModule, window_length
 from lightning_charlm.errors import CharLMError, user_error
 from lightning_charlm.module import GPTLM, CharLM
 from lightning_charlm.runs import (
@@ -277,7 +277,7 @@ class CharLMCLI(LightningCLI):
             # validate prints its metrics; a logger would only leave a new, nearly empty run folder
             cfg.trainer.logger = False
         if cfg.data.block_size is None:  # one place for the context length: the model's
-            cfg.data.block_size = cfg.model.init_args.get("block_size") or DEFAULT_BLOCK_SIZE
+            cfg.data.block_size = window_length(None, cfg.model.init_args)
         if self.subcommand == "predict" and self.ckpt_vocab:
             cfg.data.vocab = self.ckpt_vocab  # the checkpoint's vocabulary: the corpus is never read
 

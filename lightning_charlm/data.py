@@ -19,6 +19,14 @@ MAX_PROMPTS = 10_000_000  # copies of the prompts to continue: a larger count is
 IGNORE = -100  # cross_entropy's ignore_index: targets already scored by an earlier validation window
 
 
+def window_length(block_size: int | None, model_options) -> int:
+    """The data windows' length: --data.block_size, else the model's context length (its block_size option),
+    else DEFAULT_BLOCK_SIZE for a model without one. The one rule, for the CLI and the datamodule alike."""
+    if block_size is not None:
+        return block_size
+    return model_options.get("block_size") or DEFAULT_BLOCK_SIZE
+
+
 class RandomWindows(IterableDataset):
     """Endless batches of random windows: x = data[i : i + T], y = data[i + 1 : i + T + 1].
 
@@ -158,11 +166,9 @@ class CharDataModule(L.LightningDataModule):
 
     @property
     def block_size(self) -> int:
-        """--data.block_size, else the context of the model being trained (else DEFAULT_BLOCK_SIZE)."""
-        if self.hparams.block_size is not None:
-            return self.hparams.block_size
+        """--data.block_size, else the context of the model being trained (see window_length)."""
         model = self.trainer.lightning_module if self.trainer else None
-        return (model.hparams.get("block_size") if model else None) or DEFAULT_BLOCK_SIZE
+        return window_length(self.hparams.block_size, model.hparams if model else {})
 
     def check(self) -> None:
         """Raise a CharLMError if the windows do not fit: each split needs one window, the stride one."""

@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from lightning_charlm.data import IGNORE
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.models import GPT, Bigram, GPTConfig
+from lightning_charlm.runs import check_checkpoint
 from lightning_charlm.sampling import GenerationConfig, sample_text, stream_text
 from lightning_charlm.tokenizer import CharTokenizer
 
@@ -87,10 +88,11 @@ class CharLM(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any) -> CharLM:
-        """As Lightning's; called on CharLM itself, it loads whichever model the checkpoint holds."""
+        """As Lightning's; called on CharLM itself, it checks the file first (runs.check_checkpoint: tensors
+        and primitives only, a charlm checkpoint) and loads whichever model the checkpoint holds."""
         if cls is not CharLM:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        hp = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+        hp = check_checkpoint(str(checkpoint_path))["hyper_parameters"]
         model = GPTLM if hp.get("_class_path", "").endswith("GPTLM") or "n_layer" in hp else BigramLM
         return model.load_from_checkpoint(checkpoint_path, *args, **kwargs)
 

@@ -168,21 +168,32 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *args, **
     return torch.cat([idx, *decode(model, idx, max_new_tokens, *args, **kwargs)], dim=1)
 
 
-def _prepare(model, tokenizer, prompts, settings: GenerationConfig):
-    """The device, a generator seeded from settings.seed (None: unseeded), the encoded prompts (an empty one
-    starts from a newline) and the stop string's ids."""
-    check_settings(settings.temperature, settings.top_k, settings.top_p, len(tokenizer))
+def _prepare(model, tokenizer, prompts, settings: GenerationConfig, use_cache, interrupted):
+    """The encoded prompts (an empty one starts from a newline, on the model's device) and `steps(idx)`:
+    `decode` of idx with the settings, one generator seeded from settings.seed (None: unseeded) and the
+    stop string's ids."""
+    s = settings
+    check_settings(s.temperature, s.top_k, s.top_p, len(tokenizer))
     device = next(model.parameters()).device
     generator = None
-    if settings.seed is not None:
+    if s.seed is not None:
         generator = torch.Generator(device=device)
-        generator.manual_seed(settings.seed)
-    encoded = [tokenizer.encode(p).long() if p else torch.tensor([tokenizer.start_id]) for p in prompts]
+        generator.manual_seed(s.seed)
+    encoded = [
+        (tokenizer.encode(p).long() if p else torch.tensor([tokenizer.start_id])).to(device) for p in prompts
+    ]
     try:
-        stop_ids = tokenizer.encode(settings.stop).tolist() if settings.stop else None
+        stop_ids = tokenizer.encode(s.stop).tolist() if s.stop else None
     except CharLMError as err:
-        raise CharLMError(f"the stop string {settings.stop!r} cannot be generated: {err}") from None
-    return device, generator, encoded, stop_ids
+        raise CharLMError(f"the stop string {s.stop!r} cannot be generated: {err}") from None
+
+    def steps(idx: torch.Tensor) -> Iterator[torch.Tensor]:
+        return decode(
+            model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator, use_cache, stop_ids,
+            interrupted, s.compile,
+        )  # fmt: skip
+
+    return encoded, steps
 
 
 def stream_text(
@@ -195,18 +206,13 @@ def stream_text(
 ) -> Iterator[str]:
     """The continuation of one prompt, a character at a time as it is generated, ending after `stop`. Joined,
     it is sample_text's text for the same settings."""
-    device, generator, encoded, stop_ids = _prepare(model, tokenizer, [prompt], settings)
-    s = settings
-    steps = decode(
-        model, encoded[0][None].to(device), s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator,
-        use_cache, stop_ids, interrupted, s.compile,
-    )  # fmt: skip
+    encoded, steps = _prepare(model, tokenizer, [prompt], settings, use_cache, interrupted)
     text = ""
-    for token in steps:
+    for token in steps(encoded[0][None]):
         piece = tokenizer.decode(token[0])
         text += piece
         yield piece
-        if s.stop and text.endswith(s.stop):
+        if settings.stop and text.endswith(settings.stop):
             return
 
 
@@ -223,17 +229,13 @@ def sample_text(
     Prompts are batched by length: learned absolute positions make left-padding incorrect, and equal
     lengths keep every row's window in step.
     """
-    device, generator, encoded, stop_ids = _prepare(model, tokenizer, prompts, settings)
-    s = settings
-    out: list[str] = [""] * len(prompts)
+    encoded, steps = _prepare(model, tokenizer, prompts, settings, use_cache, interrupted)
+    stop, out = settings.stop, [""] * len(prompts)
     for length in sorted({len(e) for e in encoded}):
         rows = [i for i, e in enumerate(encoded) if len(e) == length]
-        idx = torch.stack([encoded[i] for i in rows]).to(device)
-        res = generate(
-            model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator, use_cache, stop_ids,
-            interrupted, s.compile,
-        )  # fmt: skip
+        idx = torch.stack([encoded[i] for i in rows])
+        res = torch.cat([idx, *steps(idx)], dim=1)  # as generate(): no tokens (a signal at once) is fine
         for i, ids in zip(rows, res[:, length:], strict=True):
             text = tokenizer.decode(ids)
-            out[i] = text[: text.index(s.stop) + len(s.stop)] if s.stop and s.stop in text else text
+            out[i] = text[: text.index(stop) + len(stop)] if stop and stop in text else text
     return out
