@@ -19,22 +19,34 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 CHARLM = str(Path(sys.executable).with_name("charlm"))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config")
-    ap.add_argument("--target", type=float, required=True, help="val/loss to reach")
-    args, overrides = ap.parse_known_args()  # the rest goes to charlm, e.g. --trainer.max_steps=500
-    config = str(Path(args.config).resolve())
+def launch(config: str, overrides: list[str]) -> tuple[list, float, float, int]:
+    """Run `charlm fit -c config *overrides` in a fresh folder: its val/loss events (with wall times), the
+    launch time, the process's wall time and the last step that logged train/loss."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
-        cmd = [CHARLM, "fit", "-c", config, "--trainer.enable_progress_bar=false", *overrides]
+        cmd = [
+            CHARLM,
+            "fit",
+            "-c",
+            str(Path(config).resolve()),
+            "--trainer.enable_progress_bar=false",
+            *overrides,
+        ]
         proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         total = time.time() - start
         if proc.returncode:
             sys.exit(f"charlm failed:\n{proc.stderr[-3000:]}")
         ea = EventAccumulator(glob.glob(f"{tmp}/logs/*/version_0/events.out.tfevents.*")[0])
         ea.Reload()
-        val = ea.Scalars("val/loss")
+        return ea.Scalars("val/loss"), start, total, ea.Scalars("train/loss")[-1].step + 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--target", type=float, required=True, help="val/loss to reach")
+    args, overrides = ap.parse_known_args()  # the rest goes to charlm, e.g. --trainer.max_steps=500
+    val, start, total, _ = launch(args.config, overrides)
     print(describe())
     print(f"config {args.config} {' '.join(overrides)}")
     print(f"{'step':>6} {'val/loss':>9} {'seconds since launch':>21}")

@@ -30,7 +30,7 @@ from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, 
 from lightning_charlm.checkpointing import Checkpoint
 from lightning_charlm.data import CharDataModule, window_length
 from lightning_charlm.errors import CharLMError, user_error
-from lightning_charlm.module import GPTLM, CharLM
+from lightning_charlm.module import GPTLM, CharLM, legacy_options
 from lightning_charlm.runs import (
     RUNTIME_OPTIONS,
     RunFolder,
@@ -194,6 +194,9 @@ class CharLMCLI(LightningCLI):
         asked_args = dict(cfg.model.get("init_args") or {})
         super()._parse_ckpt_path()  # replaces the model config with the checkpoint's
         model = self.config[self.config.subcommand].model
+        if model.class_path.endswith("GPTLM"):  # options newer than the checkpoint: as it was built
+            for key, value in legacy_options(ckpt["hyper_parameters"]).items():
+                model.init_args[key] = value
         if asked and _resolve(model.class_path) is not _resolve(asked):
             raise CharLMError(
                 f"{cfg.ckpt_path} holds a {model.class_path.rsplit('.', 1)[-1]} but the config asks for a "

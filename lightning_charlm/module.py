@@ -9,7 +9,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -22,11 +22,15 @@ from torchmetrics import MeanMetric
 from lightning_charlm.data import IGNORE
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.models import GPT, Bigram, GPTConfig
+from lightning_charlm.optim import MuonAdamW
 from lightning_charlm.runs import check_checkpoint
 from lightning_charlm.sampling import GenerationConfig, sample_text, stream_text
 from lightning_charlm.tokenizer import CharTokenizer
 
 MAX_WEIGHTS = 10**11  # 400 GB in fp32: anything larger is a typo, and would only hang or run out of memory
+# What a GPT checkpoint means by the options it predates: written before they existed, it was built so.
+LEGACY_GPT = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False, "tie_head": True,
+              "zero_init": False, "optimizer": "adamw"}  # fmt: skip
 
 
 SHARED_ARGS = """
@@ -89,12 +93,16 @@ class CharLM(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any) -> CharLM:
         """As Lightning's; called on CharLM itself, it checks the file first (runs.check_checkpoint: tensors
-        and primitives only, a charlm checkpoint) and loads whichever model the checkpoint holds."""
-        if cls is not CharLM:
-            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        hp = check_checkpoint(str(checkpoint_path))["hyper_parameters"]
-        model = GPTLM if hp.get("_class_path", "").endswith("GPTLM") or "n_layer" in hp else BigramLM
-        return model.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        and primitives only, a charlm checkpoint) and loads whichever model the checkpoint holds. A GPT
+        written before an option existed is built as it was then (LEGACY_GPT)."""
+        if cls is CharLM:
+            hp = check_checkpoint(str(checkpoint_path))["hyper_parameters"]
+            cls = GPTLM if hp.get("_class_path", "").endswith("GPTLM") or "n_layer" in hp else BigramLM
+        elif issubclass(cls, GPTLM):
+            hp = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["hyper_parameters"]
+        if issubclass(cls, GPTLM):  # the options the checkpoint predates, as it was built (LEGACY_GPT)
+            kwargs = {**legacy_options(hp), **kwargs}
+        return super(CharLM, cls).load_from_checkpoint(checkpoint_path, *args, **kwargs)  # noqa: UP008 (cls changed)
 
     def check_data(self, dm) -> None:
         """Raise a CharLMError if the datamodule's windows do not suit the corpus or this model."""
@@ -270,7 +278,18 @@ class CharLM(L.LightningModule):
             {"params": [p for n, p in named if n not in self._no_decay], "weight_decay": hp.weight_decay},
             {"params": [p for n, p in named if n in self._no_decay], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas, fused=self._fused())
+        if hp.get("optimizer", "adamw") == "muon":
+            # Muon orthogonalises whole weight matrices: those inside the blocks. Embeddings, the head and
+            # the gains stay with AdamW (as in the modded-nanogpt speedrun).
+            muon = [(n, p) for n, p in named if n.startswith("blocks.") and n not in self._no_decay]
+            if not muon or any(p.dim() != 2 for _, p in muon):  # FSDP's flat shards are 1-D
+                raise CharLMError("model.optimizer muon needs whole weight matrices: not under FSDP")
+            ids = {id(p) for _, p in muon}
+            groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+            muon_groups = [{"params": [p for _, p in muon], "weight_decay": hp.weight_decay}]
+            optimizer = MuonAdamW(muon_groups, groups, lr=hp.lr, betas=hp.betas, fused=self._fused())
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas, fused=self._fused())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule())
         # interval "step": with max_steps and one endless epoch an epoch scheduler would never step.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -311,6 +330,11 @@ class CharLM(L.LightningModule):
 def _plain_name(name: str) -> str:
     """A parameter's name in the plain net, without the segments that FSDP or checkpoint wrappers add."""
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def legacy_options(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The GPT options a checkpoint's hyperparameters predate, with the values it was built with."""
+    return {k: v for k, v in LEGACY_GPT.items() if k not in hparams}
 
 
 def clip_grad_norm(root: nn.Module, max_norm: float) -> torch.Tensor:
@@ -369,6 +393,13 @@ class GPTLM(CharLM):
         checkpointing: bool = False,
         fused: bool | None = None,
         compile: bool = False,
+        positions: Literal["learned", "rope"] = "learned",
+        norm: Literal["layernorm", "rmsnorm"] = "layernorm",
+        mlp: Literal["gelu", "relu2", "swiglu"] = "gelu",
+        qk_norm: bool = False,
+        tie_head: bool = True,
+        zero_init: bool = False,
+        optimizer: Literal["adamw", "muon"] = "adamw",
     ):
         super().__init__(
             vocab, lr, min_lr, warmup_steps, weight_decay, betas, label_smoothing, fused, compile
@@ -384,6 +415,14 @@ class GPTLM(CharLM):
             dropout: dropout rate in training.
             checkpointing: recompute activations in the backward pass (activation checkpointing):
                 larger blocks and batches fit in less memory, for one more forward pass of each block.
+            positions: learned (GPT-2's position embedding) or rope (rotary: relative positions; past
+                block_size, generation attends over a sliding window and its KV cache slides with it).
+            norm: layernorm or rmsnorm.
+            mlp: gelu (GPT-2's 4x MLP), relu2 (relu squared) or swiglu (gated, 8/3x wide).
+            qk_norm: RMSNorm on each head's queries and keys.
+            tie_head: the output head shares the token embedding's weights.
+            zero_init: output projections (and an untied head) start at zero.
+            optimizer: adamw, or muon (Muon for the matrices inside the blocks, AdamW for the rest; one lr).
             {SHARED_ARGS.strip()}"""
 
     def build_net(self, vocab_size: int) -> nn.Module:
@@ -410,6 +449,7 @@ class GPTLM(CharLM):
                 n_embd=hp.n_embd,
                 dropout=hp.dropout,
                 checkpointing=hp.checkpointing,
+                **{k: hp[k] for k in ("positions", "norm", "mlp", "qk_norm", "tie_head", "zero_init")},
             )
         )
 

@@ -105,18 +105,23 @@ def decode(
     """The generation loop: yields the next token of every row of idx (B, T), as (B, 1), up to
     max_new_tokens times (fewer once every row has produced `stop_ids`, or when `interrupted()`).
 
-    The context is at most block_size tokens. When it would overflow, it slides by a quarter block at once
-    (keeping the last 3/4), so a KV cache is refilled once per quarter block instead of at every token.
-    Positions always count from the window's start, exactly as in training, and the cached and uncached
-    paths see the same windows, so their greedy outputs are equal token for token. With the cache, a window
-    is prefilled in one forward, then each token is one `decode_step` (fixed shapes, the position a device
-    tensor), compiled and CUDA-graphed when `compile`.
+    A prompt longer than block_size is cut to its last block_size tokens. With learned positions the
+    context is then at most block_size tokens: when it would overflow it slides by a quarter block at once
+    (keeping the last 3/4), so a KV cache is refilled once per quarter block instead of at every token;
+    positions count from the window's start, exactly as in training. With rotary positions (`model.slides`)
+    past block_size every layer attends over a sliding window of the last block_size positions (as
+    Mistral's sliding-window attention): with the cache a new token's keys and values replace the oldest
+    in a ring, never refilled; without it, a forward over the last `model.reach` + 1 tokens with a band
+    mask computes the same. Either way the cached and uncached paths compute the same function, so their
+    greedy outputs are equal token for token. With the cache, a window is prefilled in one forward, then
+    each token is one `decode_step` (fixed shapes, the position a device tensor), compiled and CUDA-graphed
+    when `compile`.
     """
-    block = model.block_size
-    step_fn = _decode_step(model, compile) if use_cache and hasattr(model, "decode_step") else None
-    keep = max(1, block - block // 4)
+    block, slides = model.block_size, getattr(model, "slides", False)
     cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
-    start, fed = max(0, idx.size(1) - block), 0  # window start; tokens of the window already cached
+    step_fn = _decode_step(model, compile) if cache is not None else None
+    keep = max(1, block - block // 4)
+    start, fed = max(0, idx.size(1) - block), 0  # window start; positions cached since the last prefill
     stop = torch.tensor(stop_ids or [], device=idx.device)
     prompt_len = idx.size(1)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -124,18 +129,23 @@ def decode(
     for step in range(max_new_tokens):
         if interrupted is not None and interrupted():  # a signal: stop here and keep what is generated
             break
-        if idx.size(1) - start > block:
+        if slides:  # the band reaches back `reach` tokens (no further than the cut prompt)
+            start = max(start, idx.size(1) - model.reach - 1)
+        elif idx.size(1) - start > block:
             start, fed = idx.size(1) - keep, 0
             cache = model.new_cache() if cache is not None else None
         window = idx[:, start:]
         if cache is None:
             logits = model(window)[:, -1]
-        elif fed == 0 or step_fn is None:  # a prefill of the whole window (or the next tokens)
-            logits = model(window[:, fed:], cache=cache)[:, -1]
+        elif fed == 0:  # a prefill of the whole window
+            logits = model(window, cache=cache)[:, -1]
             fed = window.size(1)
             pos = torch.full((1,), fed, device=idx.device)
         else:  # the newest token, at position `pos` (== fed); `pos` moves on the device: no host sync
-            logits = step_fn(window[:, -1:], pos, cache, None if compile else fed + 1)
+            if fed == 2 * block:  # rotary: keep positions below 2 * block (GPT.shift_cache)
+                model.shift_cache(cache)
+                pos, fed = pos - block, fed - block
+            logits = step_fn(window[:, -1:], pos, cache, None if compile else min(fed + 1, block))
             pos, fed = pos + 1, fed + 1  # a new tensor: a CUDA graph may still hold the old one
         # A diverged model gives nan/inf logits, on which sampling would fail (on CUDA with a device assert
         # that ends the process): sample those rows from zeros instead, and report it after the loop.

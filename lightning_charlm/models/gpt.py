@@ -1,4 +1,6 @@
-"""A GPT in pure PyTorch: pre-LayerNorm blocks of causal SDPA attention and a 4x MLP, plus a KV cache."""
+"""A GPT in pure PyTorch: pre-norm blocks of causal SDPA attention and an MLP, with the recipe's parts as
+options (models/parts.py): learned or rotary positions, LayerNorm or RMSNorm, gelu, relu^2 or SwiGLU,
+QK-norm, a tied or untied head, zero-initialised output projections."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from lightning_charlm.models.cache import KVCache
+from lightning_charlm.models.parts import MLP, MLPS, NORMS, POSITIONS, Rotary, norm, rotate
 
 
 @dataclass
@@ -21,36 +26,12 @@ class GPTConfig:
     dropout: float = 0.2
     # Recompute each block's activations in backward: less memory for one more forward pass of each block.
     checkpointing: bool = False
-
-
-class KVCache:
-    """Keys and values of every layer for block_size positions, allocated once, so a decode step has the same
-    shapes at every position (which lets it be compiled and captured as a CUDA graph); `pos` is how many
-    positions a multi-token forward (a prefill) has filled."""
-
-    def __init__(self, cfg: GPTConfig):
-        self.cfg = cfg
-        self.k = self.v = None
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, hd) at the current position; return everything cached so far."""
-        if self.k is None:  # allocated on first use, in the dtype autocast gives k (bf16 under bf16-mixed)
-            shape = (self.cfg.n_layer, *k.shape[:2], self.cfg.block_size, k.size(3))
-            self.k = k.new_zeros(shape)
-            self.v = v.new_zeros(shape)
-            for t in (self.k, self.v):  # fixed addresses: CUDA graphs may update them in place
-                torch._dynamo.mark_static_address(t)
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store one position's k, v (B, H, 1, hd) at `pos` (a 1-element tensor); return all block_size."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
-        return self.k[layer], self.v[layer]
+    positions: str = "learned"  # parts.POSITIONS
+    norm: str = "layernorm"  # parts.NORMS
+    mlp: str = "gelu"  # parts.MLPS
+    qk_norm: bool = False  # RMSNorm (with gains) on each head's queries and keys: bounded attention logits
+    tie_head: bool = True  # the head reuses the token embedding
+    zero_init: bool = False  # output projections (and an untied head) start at zero: blocks start as identity
 
 
 class CausalSelfAttention(nn.Module):
@@ -60,17 +41,24 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        head_dim = cfg.n_embd // cfg.n_head
+        self.q_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, step: tuple | None = None
-    ) -> torch.Tensor:
+        self, x, cache: KVCache | None = None, layer: int = 0, step: tuple | None = None, rope=None, band=None
+    ):
         B, T, C = x.shape
         q, k, v = (
             self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         )  # (B, H, T, hd)
-        if step is not None:  # one decode step: attend to the cached positions up to `pos`
-            pos, mask, length = step
-            k, v = cache.write(layer, pos, k, v)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        if step is not None:  # one decode step: attend to the cached positions up to this one
+            slot, mask, length = step
+            k, v = cache.write(layer, slot, k, v)
             if length is not None:  # eager: read only the filled part (the masked rest is memory traffic)
                 k, v = k[:, :, :length], v[:, :, :length]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -83,32 +71,22 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError("a multi-token forward with a KV cache must start from an empty cache")
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal and T > 1, dropout_p=self.dropout if self.training else 0.0
-        )
+            q, k, v, attn_mask=band, is_causal=causal and T > 1 and band is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(cfg.n_embd, bias=False), CausalSelfAttention(cfg)
-        self.ln2, self.mlp = nn.LayerNorm(cfg.n_embd, bias=False), MLP(cfg)
+        self.ln1, self.attn = norm(cfg.norm, cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln2, self.mlp = norm(cfg.norm, cfg.n_embd), MLP(cfg.mlp, cfg.n_embd, cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, step: tuple | None = None
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer, step)
+        self, x, cache: KVCache | None = None, layer: int = 0, step: tuple | None = None, rope=None, band=None
+    ):
+        x = x + self.attn(self.ln1(x), cache, layer, step, rope, band)
         return x + self.mlp(self.ln2(x))
 
 
@@ -117,19 +95,26 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+        for name, kinds in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(cfg, name) not in kinds:
+                raise ValueError(f"{name} must be one of {', '.join(kinds)}, got {getattr(cfg, name)!r}")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
+        # Positions up to the reach of a sliding window (forward's band) plus a block.
+        reach = (cfg.n_layer + 1) * cfg.block_size
+        self.rotary = Rotary(cfg.n_embd // cfg.n_head, reach) if cfg.positions == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
+        self.ln_f = norm(cfg.norm, cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.head.weight = self.wte.weight  # weight tying: one matrix reads and writes characters
+        if cfg.tie_head:
+            self.head.weight = self.wte.weight  # one matrix reads and writes characters
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream stays O(1).
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            if name.endswith("proj.weight") or (name == "head.weight" and cfg.zero_init):
+                nn.init.normal_(p, mean=0.0, std=0.0 if cfg.zero_init else 0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -140,8 +125,27 @@ class GPT(nn.Module):
     def block_size(self) -> int:
         return self.cfg.block_size
 
+    @property
+    def slides(self) -> bool:
+        """Whether past block_size this GPT attends over a sliding window (rotary positions: attention sees
+        only relative positions): every layer attends to the last block_size positions, so through the
+        layers the last token sees up to `reach` tokens back, and a decode step only replaces the oldest
+        slot of the KV ring. With learned positions the context is cut to block_size instead."""
+        return self.rotary is not None
+
+    @property
+    def reach(self) -> int:
+        """Tokens before the last that can still change its logits under a sliding window."""
+        return self.cfg.n_layer * (self.cfg.block_size - 1)
+
     def new_cache(self) -> KVCache:
-        return KVCache(self.cfg)
+        return KVCache(self.cfg.n_layer, self.cfg.block_size)
+
+    def shift_cache(self, cache: KVCache) -> None:
+        """Rotate every cached key back by block_size positions (in place: the addresses stay fixed), so the
+        decode positions go on from pos - block_size (Rotary)."""
+        cos, sin = self.rotary(torch.tensor(self.cfg.block_size, device=cache.k.device))
+        cache.k.copy_(rotate(cache.k, cos, -sin))
 
     def compile_blocks(self) -> None:
         """torch.compile each block in place for training (state_dict keys unchanged). The blocks share one
@@ -154,33 +158,50 @@ class GPT(nn.Module):
         self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache, length: int | None = None
     ) -> torch.Tensor:
         """Logits (B, V) of the next token after `token` (B, 1) at position `pos` (a 1-element tensor on the
-        device), with the cache already holding positions < pos. Without `length` every shape is the same at
-        every position and nothing waits for the host, so the step can be compiled (fullgraph) and captured
-        as a CUDA graph; eager callers pass length = pos + 1 to attend to the filled part only."""
-        x = self.wte(token) + self.wpe(pos)  # (B, 1, C)
-        mask = None if length else (torch.arange(self.cfg.block_size, device=pos.device) <= pos)[None]
-        for i, block in enumerate(self.blocks):
-            x = block.forward(x, cache, i, (pos, mask, length))
+        device, < 2 * block_size; slot pos % block_size), with the cache holding the positions before it.
+        Without `length` every shape is the same at every position and nothing waits for the host, so the
+        step can be compiled (fullgraph) and captured as a CUDA graph; eager callers pass the number of
+        filled slots (at most block_size) to attend to those only."""
+        x, rope = self.wte(token), None  # (B, 1, C)
+        if self.rotary is None:
+            x = x + self.wpe(pos)
+        else:
+            rope = self.rotary(pos)
+        block = self.cfg.block_size
+        mask = None if length else (torch.arange(block, device=pos.device) <= pos)[None]
+        for i, b in enumerate(self.blocks):
+            x = b.forward(x, cache, i, (pos % block, mask, length), rope)
         return self.head(self.ln_f(x))[:, -1]
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V). Longer than block_size (rotary, no cache): attention over a sliding window of
+        block_size positions (the band), at most reach + 1 tokens."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        start, size = (cache.pos if cache is not None else 0), self.cfg.block_size
+        longest = self.reach + 1 if self.slides and cache is None else size
+        if start + T > longest:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the {longest} this GPT can read")
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        band = None
+        if T > size:  # each position attends to itself and the block_size - 1 before it
+            band = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < size)
+        x, rope = self.wte(idx), None  # (B, T, C)
+        if self.rotary is None:
+            x = x + self.wpe(pos)
+        else:
+            rope = self.rotary(pos)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if cache is not None or not self.training:
                 # Evaluation and decoding call the eager forward even when the block is compiled: they run
                 # rarely, in other shapes (and the cache position changes at every token), so compiling
                 # them would cost more start-up time than it saves.
-                x = block.forward(x, cache, i)
+                x = block.forward(x, cache, i, None, rope, band)
             elif self.cfg.checkpointing:
                 # The RNG state is replayed when recomputing, so dropout masks and gradients are unchanged.
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, 0, None, rope, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, None, 0, None, rope)
         if cache is not None:
             cache.pos += T
         return self.head(self.ln_f(x))  # (B, T, V)

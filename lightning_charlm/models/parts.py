@@ -1,0 +1,65 @@
+"""The GPT's interchangeable parts: norms, MLPs and rotary position embeddings (RoPE)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2", "swiglu")
+POSITIONS = ("learned", "rope")
+
+
+def norm(kind: str, dim: int) -> nn.Module:
+    """A pre-norm: LayerNorm without bias (GPT-2's, centred), or RMSNorm (only scaled: one reduction less)."""
+    return nn.LayerNorm(dim, bias=False) if kind == "layernorm" else nn.RMSNorm(dim)
+
+
+class MLP(nn.Module):
+    """gelu: GPT-2's 4x MLP. relu2: relu(x)^2 (the modded-nanogpt speedrun's), same shape. swiglu: a gated
+    silu unit (LLaMA's) with 8/3x hidden width, so all three have about 8 * n_embd^2 weights."""
+
+    def __init__(self, kind: str, n_embd: int, dropout: float):
+        super().__init__()
+        self.kind = kind
+        hidden = 4 * n_embd if kind != "swiglu" else -(-8 * n_embd // 3 // 8) * 8  # rounded up to 8
+        self.fc = nn.Linear(n_embd, hidden * (2 if kind == "swiglu" else 1), bias=False)
+        self.proj = nn.Linear(hidden, n_embd, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.drop(self.proj(h))
+
+
+class Rotary(nn.Module):
+    """cos and sin of RoPE's angles for positions 0 .. 2 * block_size - 1: training uses the first
+    block_size; a decode step past the block rotates at its position in the KV ring, kept below 2 * block
+    by `shift` (keys are rotated back by block_size positions, which leaves every relative position as it
+    is), so the angles never grow large enough to lose precision in float32."""
+
+    def __init__(self, head_dim: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(2 * block_size, dtype=torch.float64), inv_freq)  # (2T, hd/2)
+        # Not saved in checkpoints (persistent=False): derived from the config, like the mask.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at positions `pos` (T,): each (T, hd/2)."""
+        return self.cos[pos], self.sin[pos]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd) with each pair (x_i, x_{i + hd/2}) turned by its angle; cos, sin (T, hd/2)."""
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).type_as(x)

@@ -1,0 +1,73 @@
+"""Muon for the matrices inside the blocks and AdamW for the rest, as one torch optimizer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Keller Jordan's quintic Newton-Schulz coefficients (as torch.optim.Muon's): steep at zero, so five steps
+# bring every singular value of the update near 1.
+NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.7750, 2.0315), 5
+
+
+def orthogonalize(g: torch.Tensor) -> torch.Tensor:
+    """About U V^T of g = U S V^T, by Newton-Schulz. In bf16 on CUDA (tensor cores), as torch.optim.Muon
+    always does; in float32 elsewhere: on a CPU without bf16 matrix units torch's bf16 iteration made a
+    gpt-cpu step 3x slower (benchmarks/recipe.py), in float32 it adds a few percent."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16() if g.is_cuda else g.float()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x  # the Gram matrix of the short side: fewer flops
+    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon over `muon_groups` (2-D weights: momentum, then the orthogonalised update) and torch's AdamW
+    over `adamw_groups` (embeddings, head, norm gains), behind one optimizer: one list of param groups, which
+    the lr schedule scales together, and one state dict, which a checkpoint saves and a resume restores.
+
+    Muon's update is scaled to the RMS of an AdamW update (0.2 * sqrt(max(rows, cols)), Moonshot's rule,
+    torch's adjust_lr_fn "match_rms_adamw"), so one learning rate serves both."""
+
+    def __init__(self, muon_groups, adamw_groups, lr: float, betas=(0.9, 0.99), fused=False, momentum=0.95):
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, fused=fused)
+        muon = [{"momentum": momentum, "weight_decay": 0.0, **g, "muon": True} for g in muon_groups]
+        super().__init__(muon + self.adamw.param_groups, {"lr": lr})
+        self._link()
+
+    def _link(self) -> None:
+        """AdamW works on this optimizer's own group dicts and state (load_state_dict replaces both)."""
+        self.adamw.param_groups = [g for g in self.param_groups if not g.get("muon")]
+        self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if not group.get("muon"):
+                continue
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"].lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum)  # Nesterov
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled, as AdamW's
+                p.add_(orthogonalize(update), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+        self.adamw.step()
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
