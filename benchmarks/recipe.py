@@ -1,10 +1,10 @@
-"""The recipe ablation: configs/gpt-cpu.yaml's model (4 layers, 128 wide, block 128) at a fixed wall-clock
-budget, trained as the config was before it (the GPT-2 recipe, AdamW, batch 32, lr 2e-3), with each modern
-change alone, then with all of them ("all") and with the winners only ("recipe", which configs/gpt-cpu.yaml
-now uses with its own batch and lr). Every row has the same lr schedule (--max-steps) and stops at the
-budget (--trainer.max_time). Per row and seed: steps done, best val/loss, and when val/loss first reached
-the target, in seconds since launch (TensorBoard wall times, as time_to_loss.py). Run nothing else
-meanwhile: the rows are timed.
+"""The recipe ablation: configs/gpt-cpu.yaml's model as it was before (4 layers, 128 wide, block 128) at
+a fixed wall-clock budget, trained as that config was (the GPT-2 recipe, AdamW, batch 32, lr 2e-3), with
+each modern change alone, then with all of them ("all") and with the winners only ("recipe", which
+configs/gpt-cpu.yaml now uses with 3 layers and its own batch and lr). Every row has the same lr schedule
+(--max-steps) and stops at the budget (--trainer.max_time). Per row and seed: steps done, best val/loss,
+and when val/loss first reached the target, in seconds since launch (TensorBoard wall times, as
+time_to_loss.py). Run nothing else meanwhile: the rows are timed.
 
     python benchmarks/recipe.py --budget 150 --max-steps 450 --val-every 75          # the README's table
     python benchmarks/recipe.py --rows recipe --seeds 0 1 --data.batch_size=16       # rows, seeds, overrides
@@ -21,7 +21,8 @@ from time_to_loss import launch
 # starts from them, whatever the config now says; options after the script's own go to charlm and win.
 GPT2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": "false", "tie_head": "true",
         "zero_init": "false", "optimizer": "adamw"}  # fmt: skip
-BASE = ["--model.lr=2e-3", "--model.min_lr=2e-4", "--model.warmup_steps=100", "--data.batch_size=32"]
+BASE = ["--model.n_layer=4", "--model.lr=2e-3", "--model.min_lr=2e-4", "--model.warmup_steps=100",
+        "--data.batch_size=32"]  # fmt: skip
 MODERN = {"positions": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": "true", "tie_head": "false",
           "zero_init": "true", "optimizer": "muon"}  # fmt: skip
 # What configs/gpt-cpu.yaml took from the table: every change that won alone (the untied head lost).

@@ -18,8 +18,8 @@ README = {
     "bigram.yaml": (BigramLM, None, dict(lr=0.1, max_steps=1500)),
     "gpt-cpu.yaml": (
         GPTLM,
-        (4, 4, 128, 128),
-        dict(batch_size=16, max_steps=1700, positions="rope", optimizer="muon"),
+        (3, 4, 128, 128),
+        dict(batch_size=16, max_steps=2000, positions="rope", optimizer="muon"),
     ),
     "gpt.yaml": (GPTLM, (6, 6, 384, 256), dict(batch_size=128, lr=1.5e-3, dropout=0.2, val_every=125)),
     "seed.yaml": (GPTLM, (4, 4, 256, 256), dict(batch_size=256, lr=6e-4, dropout=0.1, label_smoothing=0.1)),
