@@ -75,9 +75,14 @@ class NormAtStep(L.Callback):
             self.norms.append(total_norm(pl_module))
 
 
+# The modern recipe with Muon (configs/gpt-cpu.yaml's options), as a GPU run of it would train.
+RECIPE = dict(positions="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, zero_init=True, optimizer="muon")
+
+
+@pytest.mark.parametrize("recipe", [False, True], ids=["gpt2", "recipe-muon"])
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
-def test_clipping_with_every_optimizer_and_precision(precision, fused, corpus, tmp_path):
+def test_clipping_with_every_optimizer_and_precision(precision, fused, recipe, corpus, tmp_path):
     dm = CharDataModule(path=str(corpus), block_size=16, batch_size=8)
     model = GPTLM(
         dm.vocab,
@@ -89,6 +94,7 @@ def test_clipping_with_every_optimizer_and_precision(precision, fused, corpus, t
         lr=1.0,
         warmup_steps=0,
         fused=fused,
+        **(RECIPE if recipe else {}),
     )
     recorder = NormAtStep()
     # Lightning turns "16-mixed" into bf16 on a CPU; the plugin, as a CUDA run builds it, keeps fp16 and
@@ -114,9 +120,9 @@ def test_clipping_with_every_optimizer_and_precision(precision, fused, corpus, t
         default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=dm)
-    assert isinstance(trainer.optimizers[0], torch.optim.AdamW)
+    adamw = trainer.optimizers[0].adamw if recipe else trainer.optimizers[0]  # MuonAdamW holds one
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"] is fused
     assert (getattr(trainer.precision_plugin, "scaler", None) is not None) == (precision == "16-mixed")
-    assert trainer.optimizers[0].defaults["fused"] is fused
     # Huge steps (lr 1.0) give large gradients; every step the optimizer took saw them clipped to 0.05.
     assert len(recorder.norms) >= 2
     assert all(abs(n - 0.05) < 1e-4 for n in recorder.norms), recorder.norms

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_charlm.models.cache import KVCache
-from lightning_charlm.models.parts import MLP, MLPS, NORMS, POSITIONS, Rotary, norm, rotate
+from lightning_charlm.models.parts import MLP, MLPS, NORMS, POSITIONS, Rotary, norm, rotate, same_dtype_norm
 
 
 @dataclass
@@ -53,7 +53,7 @@ class CausalSelfAttention(nn.Module):
             self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         )  # (B, H, T, hd)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = same_dtype_norm(self.q_norm, q), same_dtype_norm(self.k_norm, k)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         if step is not None:  # one decode step: attend to the cached positions up to this one

@@ -16,6 +16,13 @@ def norm(kind: str, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, bias=False) if kind == "layernorm" else nn.RMSNorm(dim)
 
 
+def same_dtype_norm(rms: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """`rms(x)` with its gains in x's dtype: under bf16 autocast q and k come out of a Linear in bf16, and
+    RMSNorm (unlike LayerNorm, not on autocast's float32 list) would leave its fused kernel for a slow path
+    on the dtype mismatch."""
+    return F.rms_norm(x, rms.normalized_shape, rms.weight.to(x.dtype), rms.eps)
+
+
 class MLP(nn.Module):
     """gelu: GPT-2's 4x MLP. relu2: relu(x)^2 (the modded-nanogpt speedrun's), same shape. swiglu: a gated
     silu unit (LLaMA's) with 8/3x hidden width, so all three have about 8 * n_embd^2 weights."""
