@@ -99,7 +99,8 @@ class CharLM(L.LightningModule):
             hp = check_checkpoint(str(checkpoint_path))["hyper_parameters"]
             cls = GPTLM if hp.get("_class_path", "").endswith("GPTLM") or "n_layer" in hp else BigramLM
         elif issubclass(cls, GPTLM):
-            hp = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["hyper_parameters"]
+            hp = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            hp = hp["hyper_parameters"]  # mmap: only the hyperparameters are read, not the weights
         if issubclass(cls, GPTLM):  # the options the checkpoint predates, as it was built (LEGACY_GPT)
             kwargs = {**legacy_options(hp), **kwargs}
         return super(CharLM, cls).load_from_checkpoint(checkpoint_path, *args, **kwargs)  # noqa: UP008 (cls changed)
@@ -449,7 +450,7 @@ class GPTLM(CharLM):
                 n_embd=hp.n_embd,
                 dropout=hp.dropout,
                 checkpointing=hp.checkpointing,
-                **{k: hp[k] for k in ("positions", "norm", "mlp", "qk_norm", "tie_head", "zero_init")},
+                **{k: hp[k] for k in LEGACY_GPT if k != "optimizer"},  # the net's options
             )
         )
 

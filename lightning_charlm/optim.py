@@ -11,12 +11,12 @@ import torch
 NS_COEFFICIENTS, NS_STEPS = (3.4445, -4.7750, 2.0315), 5
 
 
-def orthogonalize(g: torch.Tensor) -> torch.Tensor:
-    """About U V^T of g = U S V^T, by Newton-Schulz. In bf16 on CUDA (tensor cores), as torch.optim.Muon
-    always does; in float32 elsewhere: on a CPU without bf16 matrix units torch's bf16 iteration made a
-    gpt-cpu step 3x slower (benchmarks/recipe.py), in float32 it adds a few percent."""
+def orthogonalize(g: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """About U V^T of g = U S V^T, by Newton-Schulz. By default in bf16 on CUDA (tensor cores), as
+    torch.optim.Muon always does; in float32 elsewhere: on a CPU without bf16 matrix units torch's bf16
+    iteration made a gpt-cpu step 3x slower (benchmarks/recipe.py), in float32 it adds a few percent."""
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16() if g.is_cuda else g.float()
+    x = g.to(dtype or (torch.bfloat16 if g.is_cuda else torch.float32))
     tall = x.size(0) > x.size(1)
     x = x.T if tall else x  # the Gram matrix of the short side: fewer flops
     x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1

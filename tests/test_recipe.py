@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_charlm import load
 from lightning_charlm.models import GPT, GPTConfig
-from lightning_charlm.optim import MuonAdamW
+from lightning_charlm.optim import MuonAdamW, orthogonalize
 from lightning_charlm.sampling import generate
 from tests.conftest import charlm_main
 from tests.test_resume import RUN, assert_same_params, callbacks, last
@@ -81,6 +81,20 @@ def test_rotary_decoding_slides_the_cache_one_token_at_a_time(monkeypatch):
     assert len(prefills) == 1  # the cache was filled once, then only slid
     monkeypatch.setattr("lightning_charlm.sampling.COMPILE", {"backend": "aot_eager", "fullgraph": True})
     assert torch.equal(generate(model, idx, 75, temperature=0, compile=True), plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32-cpu", "bf16-as-on-cuda"])
+def test_newton_schulz_orthogonalises_in_either_dtype(dtype):
+    """Both of orthogonalize's paths (bf16 is CUDA's default), against torch.optim.Muon's own iteration."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    g = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    o = orthogonalize(g, dtype)
+    assert o.dtype == g.dtype and o.shape == g.shape
+    s = torch.linalg.svdvals(o)
+    assert 0.5 < s.min() and s.max() < 1.5  # every direction of g kept, at about unit scale
+    reference = _zeropower_via_newtonschulz(g, (3.4445, -4.775, 2.0315), 5, 1e-7).float()
+    assert (o - reference).abs().max() < (0.05 if dtype == torch.bfloat16 else 0.01)
 
 
 def test_muon_and_adamw_state_round_trips_as_one_optimizer():

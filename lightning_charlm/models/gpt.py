@@ -101,9 +101,8 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
-        # Positions up to the reach of a sliding window (forward's band) plus a block.
-        reach = (cfg.n_layer + 1) * cfg.block_size
-        self.rotary = Rotary(cfg.n_embd // cfg.n_head, reach) if cfg.positions == "rope" else None
+        longest = max(2 * cfg.block_size, cfg.n_layer * (cfg.block_size - 1) + 1)  # decode; reach + 1
+        self.rotary = Rotary(cfg.n_embd // cfg.n_head, longest) if cfg.positions == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = norm(cfg.norm, cfg.n_embd)

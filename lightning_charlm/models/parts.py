@@ -48,15 +48,15 @@ class MLP(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos and sin of RoPE's angles for positions 0 .. 2 * block_size - 1: training uses the first
-    block_size; a decode step past the block rotates at its position in the KV ring, kept below 2 * block
-    by `shift` (keys are rotated back by block_size positions, which leaves every relative position as it
-    is), so the angles never grow large enough to lose precision in float32."""
+    """cos and sin of RoPE's angles for positions 0 .. length - 1, computed in float64 once. The GPT asks for
+    the longest positions it uses: a sliding-window forward (up to `GPT.reach` + 1) and a decode step in
+    the KV ring, kept below 2 * block_size by `GPT.shift_cache` so the angles stay small enough for float32.
+    """
 
-    def __init__(self, head_dim: int, block_size: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, length: int, base: float = 10000.0):
         super().__init__()
         inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(2 * block_size, dtype=torch.float64), inv_freq)  # (2T, hd/2)
+        angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (length, hd/2)
         # Not saved in checkpoints (persistent=False): derived from the config, like the mask.
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
