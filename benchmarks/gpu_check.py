@@ -167,7 +167,7 @@ def generation(c: Check) -> None:
 
     device = "cpu" if c.smoke else "cuda"
     if c.smoke:  # the same tracing of the decode step as one graph, without minutes of C++ compiling
-        sampling.COMPILE = {"backend": "aot_eager", "fullgraph": True}
+        sampling.COMPILE = {"backend": "aot_eager", "fullgraph": True, "dynamic": False}
     shape = dict(block_size=32, n_layer=2, n_head=2, n_embd=32) if c.smoke else {}
     net = GPT(GPTConfig(vocab_size=65, dropout=0.0, **shape)).to(device).eval()
     new = 20 if c.smoke else 500

@@ -74,17 +74,29 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
-    """One token per row from logits (B, V): argmax at temperature 0, else a filtered sample. -> (B, 1)"""
-    logits = logits.float()
+def pick(logits: torch.Tensor, noise: torch.Tensor, temperature: float, top_k, top_p):
+    """The next token of every row of logits (B, V), as (B, 1): argmax at temperature 0, else a sample of
+    the filtered softmax by the exponential race, argmax(probs / noise) with noise (B, V) ~ Exp(1): the law
+    of torch.multinomial, but with the noise drawn ahead, so a whole decode step (net and sampling) is one
+    CUDA graph. A row with nan/inf logits (a diverged model) is sampled from zeros instead: sampling those
+    fails (on CUDA with a device assert that ends the process). Also returns whether all rows were finite."""
+    ok = logits.isfinite().all(-1, keepdim=True)
+    logits = torch.where(ok, logits.float(), 0.0)
     if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
+        return logits.argmax(-1, keepdim=True), ok.all()
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    return (probs / noise).argmax(-1, keepdim=True), ok.all()
+
+
+def sample_step(model, token, pos, cache, length, noise, temperature, top_k, top_p):
+    """One token of every row after `token` (B, 1) at `pos` with the cache (GPT.decode_step), sampled with
+    `noise` (B, V): fixed shapes and no host sync, so net and sampling compile as one graph."""
+    return pick(model.decode_step(token, pos, cache, length), noise, temperature, top_k, top_p)
 
 
 # One graph for the whole step (fullgraph: a graph break would fail loudly), replayed as a CUDA graph.
-COMPILE = {"mode": "reduce-overhead", "fullgraph": True}
+# dynamic=False: one static graph per batch size; a dynamic one would be re-recorded for every new shape.
+COMPILE = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
 STOP_CHECK_EVERY = 8  # tokens between checks of the stop string: each check waits for the device
 
 
@@ -112,14 +124,14 @@ def decode(
     past block_size every layer attends over a sliding window of the last block_size positions (as
     Mistral's sliding-window attention): with the cache a new token's keys and values replace the oldest
     in a ring, never refilled; without it, a forward over the last `model.reach` + 1 tokens with a band
-    mask computes the same. Either way the cached and uncached paths compute the same function, so their
-    greedy outputs are equal token for token. With the cache, a window is prefilled in one forward, then
-    each token is one `decode_step` (fixed shapes, the position a device tensor), compiled and CUDA-graphed
-    when `compile`.
+    mask computes the same. Either way the cached and uncached paths compute the same function, and draw
+    the same noise, so their outputs are equal token for token (greedy always; sampled up to rounding).
+    With the cache, a window is prefilled in one forward, then each token is one `sample_step` (fixed
+    shapes, the position a device tensor), compiled and CUDA-graphed when `compile`.
     """
-    block, slides = model.block_size, getattr(model, "slides", False)
+    block, slides, vocab = model.block_size, getattr(model, "slides", False), model.vocab_size
     cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
-    step_fn = _decode_step(model, compile) if cache is not None else None
+    step_fn = _sample_step(model, compile) if cache is not None else None
     keep = max(1, block - block // 4)
     start, fed = max(0, idx.size(1) - block), 0  # window start; positions cached since the last prefill
     stop = torch.tensor(stop_ids or [], device=idx.device)
@@ -133,25 +145,30 @@ def decode(
             start = max(start, idx.size(1) - model.reach - 1)
         elif idx.size(1) - start > block:
             start, fed = idx.size(1) - keep, 0
-            cache = model.new_cache() if cache is not None else None
+            if cache is not None:  # refilled in the same buffers: a CUDA graph keeps their addresses
+                cache.pos = 0
+        # Exp(1) noise, clamped above 0: a drawn 0 would make probs / noise nan, and argmax picks nan.
+        noise = torch.empty(idx.size(0), vocab, device=idx.device).exponential_(generator=generator)
+        noise.clamp_min_(torch.finfo(noise.dtype).tiny)
         window = idx[:, start:]
-        if cache is None:
-            logits = model(window)[:, -1]
-        elif fed == 0:  # a prefill of the whole window
-            logits = model(window, cache=cache)[:, -1]
-            fed = window.size(1)
-            pos = torch.full((1,), fed, device=idx.device)
+        if cache is None or fed == 0:  # no cache, or a prefill of the whole window
+            logits = model(window, cache=cache)[:, -1] if cache is not None else model(window)[:, -1]
+            token, ok = pick(logits, noise, temperature, top_k, top_p)
+            if cache is not None:
+                fed = window.size(1)
+                pos = torch.full((1,), fed, device=idx.device)
         else:  # the newest token, at position `pos` (== fed); `pos` moves on the device: no host sync
             if fed == 2 * block:  # rotary: keep positions below 2 * block (GPT.shift_cache)
                 model.shift_cache(cache)
                 pos, fed = pos - block, fed - block
-            logits = step_fn(window[:, -1:], pos, cache, None if compile else min(fed + 1, block))
+            # `token` (B, 1), the newest, sampled last round: not a view of idx, whose stride grows each
+            # round (a new stride would make the compiled step recompile, and CUDA graphs re-record).
+            length = None if compile else min(fed + 1, block)
+            token, ok = step_fn(model, token, pos, cache, length, noise, temperature, top_k, top_p)
+            # The step's outputs live in the CUDA graph's memory, rewritten by its next replay: keep a copy.
+            token = token.clone()
             pos, fed = pos + 1, fed + 1  # a new tensor: a CUDA graph may still hold the old one
-        # A diverged model gives nan/inf logits, on which sampling would fail (on CUDA with a device assert
-        # that ends the process): sample those rows from zeros instead, and report it after the loop.
-        ok = logits.isfinite().all(-1, keepdim=True)
-        finite &= ok.all()
-        token = next_token(torch.where(ok, logits, 0.0), temperature, top_k, top_p, generator)
+        finite &= ok
         idx = torch.cat([idx, token], dim=1)
         yield token
         if len(stop) and idx.size(1) - prompt_len >= len(stop):  # the stop string within the continuation
@@ -164,13 +181,13 @@ def decode(
         )
 
 
-def _decode_step(model: nn.Module, compile: bool):
-    """The model's decode step, compiled once per model when asked (each batch size compiles once)."""
+def _sample_step(model: nn.Module, compile: bool):
+    """sample_step, compiled once per model when asked (each batch size and setting compiles once)."""
     if not compile:
-        return model.decode_step
-    if getattr(model, "_compiled_decode_step", None) is None:
-        model._compiled_decode_step = torch.compile(model.decode_step, **COMPILE)
-    return model._compiled_decode_step  # called without `length`: fixed shapes, the mask instead
+        return sample_step
+    if getattr(model, "_compiled_sample_step", None) is None:
+        model._compiled_sample_step = torch.compile(sample_step, **COMPILE)
+    return model._compiled_sample_step  # called without `length`: fixed shapes, the mask instead
 
 
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> torch.Tensor:

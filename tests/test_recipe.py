@@ -79,8 +79,13 @@ def test_rotary_decoding_slides_the_cache_one_token_at_a_time(monkeypatch):
     monkeypatch.setattr(model, "forward", lambda *a, f=model.forward, **k: prefills.append(1) or f(*a, **k))
     assert torch.equal(generate(model, idx, 75, temperature=0), plain)
     assert len(prefills) == 1  # the cache was filled once, then only slid
-    monkeypatch.setattr("lightning_charlm.sampling.COMPILE", {"backend": "aot_eager", "fullgraph": True})
+    aot = {"backend": "aot_eager", "fullgraph": True, "dynamic": False}
+    monkeypatch.setattr("lightning_charlm.sampling.COMPILE", aot)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     assert torch.equal(generate(model, idx, 75, temperature=0, compile=True), plain)
+    assert counters["stats"]["unique_graphs"] == 1  # the ring's shifts and slides: one graph throughout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32-cpu", "bf16-as-on-cuda"])

@@ -10,6 +10,7 @@ class Bigram(nn.Module):
 
     def __init__(self, vocab_size: int):
         super().__init__()
+        self.vocab_size = vocab_size
         self.table = nn.Embedding(vocab_size, vocab_size)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,10 @@ class GPT(nn.Module):
         return self.cfg.block_size
 
     @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
     def slides(self) -> bool:
         """Whether past block_size this GPT attends over a sliding window (rotary positions: attention sees
         only relative positions): every layer attends to the last block_size positions, so through the
