@@ -7,12 +7,16 @@ times each, and the table gives the median and the spread.
     python benchmarks/overhead.py                 # CPU: configs/gpt-cpu.yaml's model and batch
     python benchmarks/overhead.py --size gpt      # configs/gpt.yaml's (on CUDA when present)
     python benchmarks/overhead.py --compile       # both sides compiled (the default on CUDA)
+    python benchmarks/overhead.py --find-syncs    # CUDA: where the Trainer's steps wait for the GPU
 """
 
 import argparse
+import collections
 import statistics
 import tempfile
 import time
+import traceback
+import warnings
 
 import lightning as L
 import torch
@@ -48,7 +52,31 @@ class StepTimer(L.Callback):
         self.seconds = sync(pl_module.device.type) - self.start
 
 
-def trainer_rate(dm, model_kwargs, steps, warmup, device, precision) -> float:
+class SyncFinder(L.Callback):
+    """From step `start` on, counts every synchronizing CUDA call (torch.cuda.set_sync_debug_mode) by the
+    Python lines that made it: each one drains the GPU's queue, and the step after it waits for the host."""
+
+    def __init__(self, start: int):
+        self.start, self.sites = start, collections.Counter()
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        if trainer.global_step == self.start:
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_end(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode(0)
+
+    def _record(self, message, *args, **kwargs):
+        if "synchronizing" in str(message):
+            stack = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
+            self.sites[
+                " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.line}" for f in stack[-4:][::-1])
+            ] += 1
+
+
+def trainer_rate(dm, model_kwargs, steps, warmup, device, precision, finder=None) -> float:
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
@@ -62,7 +90,7 @@ def trainer_rate(dm, model_kwargs, steps, warmup, device, precision) -> float:
             enable_model_summary=False,
             enable_checkpointing=False,
             logger=TensorBoardLogger(tmp),
-            callbacks=[TokensPerSecond(), timer],
+            callbacks=[TokensPerSecond(), timer, *([finder] if finder else [])],
         )
         trainer.fit(GPTLM(dm.vocab, **model_kwargs), datamodule=dm)
     return steps * dm.hparams.batch_size * dm.hparams.block_size / timer.seconds
@@ -127,6 +155,22 @@ def compare(size, steps, warmup, repeats, compile, path=None) -> dict:
     }
 
 
+def find_syncs(size: str, steps: int, warmup: int, compile: bool) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--find-syncs needs a CUDA GPU")
+    block, n_layer, n_head, n_embd, batch = SIZES[size]
+    kwargs = dict(block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0)
+    kwargs |= dict(compile=compile, fused=True)
+    finder = SyncFinder(warmup)
+    dm = CharDataModule(block_size=block, batch_size=batch)
+    trainer_rate(dm, kwargs, steps, warmup, "cuda", "bf16-mixed", finder)
+    print(f"{describe()}\nsynchronizing calls in {steps} steps after {warmup} ({size}, compile {compile}):")
+    for site, n in finder.sites.most_common(15):
+        print(f"{n:6d}  {site}")
+    if not finder.sites:
+        print("  none")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default=None)
@@ -134,10 +178,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3, help="trials per side, alternating")
     ap.add_argument("--compile", action="store_true", help="compile the blocks on both sides")
+    ap.add_argument("--find-syncs", action="store_true", help="CUDA: list the Trainer's host syncs per step")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     size = args.size or ("gpt" if cuda else "gpt-cpu")
     steps = args.steps or (300 if cuda else 100)
+    if args.find_syncs:
+        return find_syncs(size, steps, args.warmup, args.compile)
     r = compare(size, steps, args.warmup, args.repeats, args.compile)
     print(describe())
     print(
