@@ -37,8 +37,8 @@ class GenerationConfig:
         stop: cut each continuation after the first occurrence of this string.
         seed: the sampling seed; default a fresh one per predict run (printed), 0 for training samples.
         compile: compile the one-token decode step as one graph, replayed as a CUDA graph on a GPU
-            (torch.compile, mode reduce-overhead; each batch size compiles once). Off by default until it is
-            measured on a GPU. Samples during training stay eager.
+            (torch.compile, mode reduce-overhead; each batch size compiles once). Off by default: on an
+            H100 it is 5.4x eager at batch 1 but takes ~30 s to compile. Training samples stay eager.
     """
 
     max_new_tokens: int = 500
