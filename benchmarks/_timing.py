@@ -3,6 +3,7 @@ seconds since the launch time the caller put in $CHARLM_LAUNCH, to the JSON file
 
 import json
 import os
+import resource
 import time
 
 import lightning as L
@@ -35,4 +36,5 @@ class StartupTimes(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         if trainer.global_step == 1:
+            self.marks["peak RSS (MB) by then"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self._mark("first training step done")

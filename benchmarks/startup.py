@@ -27,14 +27,19 @@ def seconds(cmd: list[str], **kwargs) -> float:
     return time.time() - start
 
 
-def fit_milestones(config: str) -> dict[str, float]:
+def fit_milestones(config: str, extra: tuple[str, ...] = (), env: dict | None = None) -> dict[str, float]:
+    """Seconds from launch to each milestone of `charlm fit -c CONFIG EXTRA` (one step), and its peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
         timing = Path(tmp) / "timing.json"
-        env = os.environ | {
-            "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]),
-            "CHARLM_LAUNCH": repr(time.time()),
-            "CHARLM_TIMING": str(timing),
-        }
+        env = (
+            os.environ
+            | (env or {})
+            | {
+                "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]),
+                "CHARLM_LAUNCH": repr(time.time()),
+                "CHARLM_TIMING": str(timing),
+            }
+        )
         timer = json.dumps([{"class_path": "_timing.StartupTimes"}])
         cmd = [
             CHARLM,
@@ -46,7 +51,7 @@ def fit_milestones(config: str) -> dict[str, float]:
             "--trainer.callbacks",
             timer,
         ]
-        cmd += ["--trainer.enable_progress_bar", "false", "--sample.every_n_steps", "0"]
+        cmd += ["--trainer.enable_progress_bar", "false", "--sample.every_n_steps", "0", *extra]
         subprocess.run(cmd, check=True, capture_output=True, cwd=tmp, env=env)
         return json.loads(timing.read_text())
 

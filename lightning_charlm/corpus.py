@@ -62,20 +62,30 @@ def default_corpus() -> Path:
     return cached
 
 
-def read_corpus(path: str | os.PathLike | None) -> str:
-    """The corpus as one string; a missing, empty or non-UTF-8 file is a CharLMError."""
+def corpus_path(path: str | os.PathLike | None) -> Path:
+    """The corpus file: `path`, or tiny Shakespeare when None; a missing path or a folder is a CharLMError."""
     p = default_corpus() if path is None else Path(path)
     if not p.exists():
         raise CharLMError(f"corpus file not found: {p}")
     if p.is_dir():
         raise CharLMError(f"corpus path is a directory, expected a UTF-8 text file: {p}")
+    return p
+
+
+def not_utf8(path: Path, byte: int, offset: int, reason: str) -> CharLMError:
+    return CharLMError(
+        f"corpus file is not UTF-8 text: {path} has byte 0x{byte:02x} at byte offset {offset} ({reason}); "
+        "convert it with e.g. `iconv -t UTF-8`"
+    )
+
+
+def read_corpus(path: str | os.PathLike | None) -> str:
+    """The corpus as one string; a missing, empty or non-UTF-8 file is a CharLMError."""
+    p = corpus_path(path)
     raw = p.read_bytes()
     if not raw:
         raise CharLMError(f"corpus file is empty: {p}")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise CharLMError(
-            f"corpus file is not UTF-8 text: {p} has byte 0x{raw[err.start]:02x} at byte offset {err.start} "
-            f"({err.reason}); convert it with e.g. `iconv -t UTF-8`"
-        ) from None
+        raise not_utf8(p, raw[err.start], err.start, err.reason) from None

@@ -8,10 +8,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from lightning_charlm.corpus import read_corpus
+from lightning_charlm.corpus import corpus_path, read_corpus
 from lightning_charlm.errors import CharLMError
+from lightning_charlm.prepared import PREPARE_MIN_BYTES, prepared_ids, remap
 from lightning_charlm.tokenizer import CharTokenizer
 
 DEFAULT_BLOCK_SIZE = 256  # windows for a model without a context length of its own (the bigram)
@@ -66,24 +67,33 @@ class RandomWindows(IterableDataset):
         self._restart(state["batches"])
 
 
-def strided_windows(data: torch.Tensor, block_size: int, stride: int) -> TensorDataset:
+class StridedWindows(Dataset):
     """Fixed windows that predict every character after the first exactly once.
 
     Windows start every `stride` characters, plus one flush with the end; a target an earlier window already
     scored is set to IGNORE, so the token-weighted mean over all windows is the exact loss of the split.
     With stride < block_size later windows score only their new targets, each with more left context.
+    Each window is cut when it is read: a large validation split is not copied into memory as windows.
     """
-    n = len(data) - 1  # number of targets
-    starts = list(range(0, n - block_size + 1, stride))
-    if starts[-1] + block_size < n:
-        starts.append(n - block_size)
-    idx = torch.tensor(starts)[:, None] + torch.arange(block_size + 1)  # (N, T + 1)
-    chunk = data[idx].long()
-    x, y = chunk[:, :-1], chunk[:, 1:].clone()
-    # Target j of a window starting at s is character s + 1 + j; the previous window covered up to prev_end.
-    prev_end = torch.tensor([0] + [s + block_size for s in starts[:-1]])
-    y[idx[:, 1:] <= prev_end[:, None]] = IGNORE
-    return TensorDataset(x, y)
+
+    def __init__(self, data: torch.Tensor, block_size: int, stride: int):
+        self.data, self.block_size = data, block_size
+        n = len(data) - 1  # number of targets
+        self.starts = list(range(0, n - block_size + 1, stride))
+        if self.starts[-1] + block_size < n:
+            self.starts.append(n - block_size)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, block = self.starts[i], self.block_size
+        chunk = self.data[s : s + block + 1].long()
+        x, y = chunk[:-1], chunk[1:].clone()
+        # Target j is character s + 1 + j; the previous window scored every character up to its end.
+        prev_end = self.starts[i - 1] + block if i else 0
+        y[: max(0, prev_end - s)] = IGNORE
+        return x, y
 
 
 class Prompts(Dataset):
@@ -156,10 +166,17 @@ class CharDataModule(L.LightningDataModule):
         return self._vocab
 
     def _load(self) -> None:
-        text = read_corpus(self.hparams.path)
-        tok = CharTokenizer(self._vocab) if self._vocab else CharTokenizer.from_text(text)
-        self._vocab = tok.vocab
-        data = tok.encode(text)
+        path = corpus_path(self.hparams.path)
+        if path.stat().st_size >= PREPARE_MIN_BYTES:  # encoded once, then memory-mapped (prepared.py)
+            vocab, data = prepared_ids(path)
+            if self._vocab not in (None, vocab):  # a checkpoint's vocabulary: its ids (in memory)
+                data = remap(data, vocab, self._vocab)
+            self._vocab = self._vocab or vocab
+        else:
+            text = read_corpus(path)
+            tok = CharTokenizer(self._vocab) if self._vocab else CharTokenizer.from_text(text)
+            self._vocab = tok.vocab
+            data = tok.encode(text)
         n_train = int(0.9 * len(data))
         train, val = data[:n_train], data[n_train:]
         self._splits = (train, val)
@@ -209,7 +226,7 @@ class CharDataModule(L.LightningDataModule):
             # cut there, with no host gather and copy per step.
             device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
             self.train_set = RandomWindows(train.to(device), block, hp.batch_size, hp.seed + rank)
-            self.val_set = strided_windows(val, block, hp.val_stride or block)
+            self.val_set = StridedWindows(val, block, hp.val_stride or block)
 
     def train_dataloader(self) -> RandomWindows:
         # The iterable itself, not a DataLoader around it: Lightning saves and restores the state of the

@@ -1,6 +1,6 @@
 import torch
 
-from lightning_charlm.data import IGNORE, CharDataModule, RandomWindows, strided_windows
+from lightning_charlm.data import IGNORE, CharDataModule, RandomWindows, StridedWindows
 from lightning_charlm.tokenizer import CharTokenizer
 from tests.conftest import needs_shakespeare
 
@@ -52,13 +52,18 @@ def test_train_windows_state_redraws_the_newest_batch():
     assert not torch.equal(next(iter(other_rank))[0], prefetched)  # each rank continues its own stream
 
 
+def windows(data, block, stride) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = StridedWindows(data, block, stride)
+    return tuple(torch.stack(t) for t in zip(*(ds[i] for i in range(len(ds))), strict=True))
+
+
 def test_val_windows_cover_every_target_exactly_once():
     data = torch.arange(1, 1001)  # value = position + 1, so targets identify themselves
     for block, stride in [(16, 16), (16, 5), (7, 7), (999, 999)]:
-        x, y = strided_windows(data, block, stride).tensors
+        x, y = windows(data, block, stride)
         scored = y[y != IGNORE]
         assert sorted(scored.tolist()) == list(range(2, 1001)), (block, stride)
         kept = y[:, :-1] != IGNORE
         assert torch.equal(x[:, 1:][kept], y[:, :-1][kept])  # y is x shifted by one
-        x2, y2 = strided_windows(data, block, stride).tensors
+        x2, y2 = windows(data, block, stride)
         assert torch.equal(x, x2) and torch.equal(y, y2)  # fixed: identical on every run

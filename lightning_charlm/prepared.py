@@ -1,0 +1,140 @@
+"""Large corpora are encoded once. The first launch reads the file in a streaming pass with bounded memory
+and writes its ids (uint8 when the vocabulary fits, else int16/int32) and vocabulary to the cache folder;
+later launches memory-map the ids, so neither start-up nor memory grows with the corpus, and every rank
+maps the same file. Corpora under PREPARE_MIN_BYTES are read directly: encoding a few MB costs less than
+checking a cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+
+from lightning_charlm.corpus import cache_dir, not_utf8
+from lightning_charlm.errors import CharLMError
+from lightning_charlm.tokenizer import CharTokenizer
+
+log = logging.getLogger("lightning_charlm")
+PREPARE_MIN_BYTES = int(os.environ.get("CHARLM_PREPARE_MIN_BYTES", 32 << 20))
+CHUNK = 16 << 20  # bytes read at a time: what preparing holds, whatever the corpus size
+DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
+FORMAT = 1  # bumped when the files' layout changes: older caches are then rebuilt
+
+
+def prepared_ids(path: Path) -> tuple[str, torch.Tensor]:
+    """(vocabulary, ids) of the corpus at `path`, the ids memory-mapped from the cache, which is prepared
+    first when it is missing, stale (the file changed) or damaged (checked in full at every launch)."""
+    folder = cache_dir() / "tokens" / _key(path)
+    meta = _valid_meta(folder)
+    if meta is None:
+        meta = _prepare(path, folder)
+    ids = torch.from_file(
+        str(folder / "ids.bin"), shared=False, size=meta["count"], dtype=DTYPES[meta["dtype"]]
+    )
+    return meta["vocab"], ids
+
+
+def _key(path: Path) -> str:
+    """Names the cache of this file as it is now: its path, size, modification time, and a hash of its
+    first and last MB (an edit that keeps the size and restores the time still changes those, mostly)."""
+    st = path.stat()
+    h = hashlib.sha1(f"{FORMAT}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:20]
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _valid_meta(folder: Path) -> dict | None:
+    """The cache's description if its ids are whole and unchanged (size and CRC-32), else None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        ids = folder / "ids.bin"
+        itemsize = torch.empty(0, dtype=DTYPES[meta["dtype"]]).element_size()
+        if ids.stat().st_size == meta["count"] * itemsize and _crc(ids) == meta["crc32"]:
+            return meta
+        log.warning("charlm: the prepared corpus in %s is damaged; preparing it again", folder)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("charlm: the prepared corpus in %s is unreadable; preparing it again", folder)
+    return None
+
+
+def _texts(path: Path):
+    """The file's text in pieces of about CHUNK bytes, each cut before a character's first byte, so a
+    decoding error names its exact byte offset in the file."""
+    offset, carry = 0, b""
+    with path.open("rb") as f:
+        while True:
+            raw = f.read(CHUNK)
+            data, last = carry + raw, not raw
+            cut = len(data)
+            if not last and data:  # the last character (it may be cut short) waits for the next piece
+                cut -= 1
+                while cut > len(data) - 4 and cut > 0 and data[cut] & 0xC0 == 0x80:  # 10xxxxxx: not a start
+                    cut -= 1
+            try:
+                yield data[:cut].decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise not_utf8(path, data[err.start], offset + err.start, err.reason) from None
+            offset, carry = offset + cut, data[cut:]
+            if last:
+                return
+
+
+def _prepare(path: Path, folder: Path) -> dict:
+    log.warning("charlm: preparing %s (%.0f MB) once; later launches map it", path, path.stat().st_size / 1e6)
+    chars: set[str] = set()
+    for text in _texts(path):
+        chars.update(text)
+    if not chars:
+        raise CharLMError(f"corpus file is empty: {path}")
+    tok = CharTokenizer("".join(sorted(chars)))
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+    count, crc = 0, 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for text in _texts(path):
+                raw = tok.encode(text).numpy().tobytes()
+                f.write(raw)
+                crc, count = zlib.crc32(raw, crc), count + len(text)
+        os.replace(tmp, folder / "ids.bin")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    meta = {"format": FORMAT, "source": str(path.resolve()), "vocab": tok.vocab, "count": count,
+            "dtype": str(tok.dtype).removeprefix("torch."), "crc32": crc}  # fmt: skip
+    part = folder / "meta.json.part"
+    part.write_text(json.dumps(meta), encoding="utf-8")
+    os.replace(part, folder / "meta.json")  # written last: a meta.json means whole ids
+    return meta
+
+
+def remap(ids: torch.Tensor, vocab: str, to_vocab: str) -> torch.Tensor:
+    """`ids` of `vocab` as ids of `to_vocab` (a checkpoint's, which may hold more characters), in memory."""
+    missing = sorted(set(vocab) - set(to_vocab))
+    if missing:
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        shown = ", ".join(map(repr, missing[:10]))
+        raise CharLMError(f"characters not in the model's vocabulary: {shown}{more}")
+    tok = CharTokenizer(to_vocab)
+    table, out = tok.encode(vocab), torch.empty(len(ids), dtype=tok.dtype)
+    for start in range(0, len(ids), CHUNK):  # in pieces: ids as int64 would need 8x the corpus
+        out[start : start + CHUNK] = table[ids[start : start + CHUNK].long()]
+    return out

@@ -1,0 +1,118 @@
+"""Large corpora are prepared once into a token file in the cache and memory-mapped after that (prepared.py).
+The tests lower the size threshold and the read size, so small generated files take every path."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from lightning_charlm import prepared
+from lightning_charlm.data import CharDataModule
+from lightning_charlm.errors import CharLMError
+from tests.conftest import run_charlm
+from tests.test_cli import TINY, scalars
+
+TEXT = "".join(f"line {i}: ünïcödé 世界 🙂 the king shall speak\n" for i in range(400))  # 1-4 byte characters
+
+
+@pytest.fixture
+def big(tmp_path, monkeypatch):
+    """Every corpus counts as large; 1,000-byte reads, so characters straddle the cuts; a private cache."""
+    monkeypatch.setattr("lightning_charlm.data.PREPARE_MIN_BYTES", 0)
+    monkeypatch.setattr(prepared, "CHUNK", 1000)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def splits(path, **kwargs):
+    dm = CharDataModule(path=str(path), block_size=16, **kwargs)
+    return dm.vocab, torch.cat(dm.splits)
+
+
+def prepared_files(tmp_path):
+    return list((tmp_path / "cache/lightning_charlm/tokens").glob("*/ids.bin"))
+
+
+def test_a_large_corpus_is_prepared_once_then_memory_mapped(big, tmp_path, monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING, logger="lightning_charlm"):
+        vocab, ids = splits(big)
+    assert "preparing" in caplog.text
+    (ids_file,) = prepared_files(tmp_path)
+    meta = json.loads((ids_file.parent / "meta.json").read_text())
+    assert meta["vocab"] == vocab and meta["dtype"] == "uint8" and meta["count"] == len(TEXT)
+    monkeypatch.setattr("lightning_charlm.data.PREPARE_MIN_BYTES", 10**12)  # read in memory, as small files
+    in_memory_vocab, in_memory = splits(big)
+    assert in_memory_vocab == vocab and torch.equal(in_memory, ids)
+    assert "".join(vocab[i] for i in ids.tolist()) == TEXT
+    monkeypatch.setattr("lightning_charlm.data.PREPARE_MIN_BYTES", 0)
+    caplog.clear()
+    mtime = ids_file.stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING, logger="lightning_charlm"):
+        again = CharDataModule(path=str(big), block_size=16)
+        train, _ = again.splits
+    assert "preparing" not in caplog.text and ids_file.stat().st_mtime_ns == mtime  # mapped, not rebuilt
+    # The split is read from the file's mapping (/proc/self/maps), not from a copy in memory.
+    maps = [line.split()[0] for line in open("/proc/self/maps") if line.rstrip().endswith(str(ids_file))]
+    spans = [tuple(int(a, 16) for a in m.split("-")) for m in maps]
+    assert any(lo <= train.data_ptr() < hi for lo, hi in spans), (maps, hex(train.data_ptr()))
+
+
+def test_an_edited_corpus_is_prepared_again(big, tmp_path):
+    _, before = splits(big)
+    st = big.stat()
+    edited = TEXT.replace("king", "kong", 1)  # same size, other bytes, and the old modification time
+    big.write_text(edited, encoding="utf-8")
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    vocab, after = splits(big)
+    assert "".join(vocab[i] for i in after.tolist()) == edited and len(prepared_files(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed", "meta.json garbage", "ids.bin gone"])
+def test_a_damaged_cache_is_rebuilt_never_trained_on(big, tmp_path, damage, caplog):
+    vocab, ids = splits(big)
+    (ids_file,) = prepared_files(tmp_path)
+    raw = bytearray(ids_file.read_bytes())
+    if damage == "truncated":
+        ids_file.write_bytes(raw[:-100])
+    elif damage == "one byte changed":
+        raw[len(raw) // 2] ^= 1
+        ids_file.write_bytes(raw)
+    elif damage == "meta.json garbage":
+        (ids_file.parent / "meta.json").write_text("{not json")
+    else:
+        ids_file.unlink()
+    with caplog.at_level(logging.WARNING, logger="lightning_charlm"):
+        assert torch.equal(splits(big)[1], ids)
+    assert "preparing" in caplog.text
+
+
+def test_invalid_utf8_is_reported_at_its_offset_in_the_file(big):
+    raw = TEXT.encode()
+    offset = 2500  # in the third piece read
+    offset += next(i for i in range(8) if raw[offset + i] < 0x80)  # an ASCII byte, replaced whole
+    big.write_bytes(raw[:offset] + b"\xff" + raw[offset + 1 :])
+    with pytest.raises(CharLMError, match=f"0xff at byte offset {offset} "):
+        splits(big)
+
+
+def test_a_checkpoint_vocabulary_maps_the_prepared_ids(big):
+    vocab, ids = splits(big)
+    wider = "".join(sorted(set(vocab) | set("XYZ")))
+    mapped_vocab, mapped = splits(big, vocab=wider)
+    assert mapped_vocab == wider and "".join(wider[i] for i in mapped.tolist()) == TEXT
+    with pytest.raises(CharLMError, match="not in the model's vocabulary: '世'"):
+        splits(big, vocab=vocab.replace("世", ""))
+
+
+def test_charlm_fit_and_validate_on_a_prepared_corpus(big, tmp_path):
+    env = {"CHARLM_PREPARE_MIN_BYTES": "0", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = ["--data.path", str(big), "--trainer.max_steps", "20", "--trainer.val_check_interval", "10"]
+    res = run_charlm("fit", *TINY, *args, "--sample.every_n_steps", "0", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "preparing" in res.stderr and len(prepared_files(tmp_path)) == 1
+    val = [e.value for e in scalars(tmp_path / "logs/charlm/version_0").Scalars("val/loss")]
+    assert len(val) == 2 and val[1] < val[0]
