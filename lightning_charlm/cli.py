@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, TokensPerSecond
 from lightning_charlm.checkpointing import Checkpoint
-from lightning_charlm.data import CharDataModule, window_length
+from lightning_charlm.data import CharDataModule, check_unit, window_length
 from lightning_charlm.errors import CharLMError, user_error
 from lightning_charlm.module import GPTLM, CharLM, legacy_options
 from lightning_charlm.runs import (
@@ -100,11 +100,6 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class CharLMCLI(LightningCLI):
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        # `test` is left out: the corpus has no test split, and validate already scores the held-out 10%.
-        return {k: v for k, v in LightningCLI.subcommands().items() if k != "test"}
-
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The vocabulary is read from the corpus in CharDataModule and handed to whichever model is chosen.
         parser.link_arguments("data.vocab", "model.init_args.vocab", apply_on="instantiate")
@@ -172,7 +167,7 @@ class CharLMCLI(LightningCLI):
             cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
         if cfg.ckpt_path == "last":
             cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger, cfg.data.path))
-        if not cfg.ckpt_path and self.config.subcommand in ("validate", "predict"):
+        if not cfg.ckpt_path and self.config.subcommand in ("validate", "test", "predict"):
             raise CharLMError(
                 f"{self.config.subcommand} needs a trained model: pass --ckpt_path "
                 "logs/NAME/version_N/checkpoints/best.ckpt (or `last`)"
@@ -182,6 +177,10 @@ class CharLMCLI(LightningCLI):
         ckpt = check_checkpoint(cfg.ckpt_path)
         if cfg.data.path is None and self.config.subcommand != "predict":
             cfg.data.path = corpus_of(ckpt)  # the corpus it was trained on, unless another is named
+        trained = ckpt.get("datamodule_hyper_parameters") or {}
+        for key in ("split", "unit"):  # and its split (validate and test score what it held out) and unit
+            if cfg.data.get(key) is None:
+                cfg.data[key] = trained.get(key)
         step = ckpt.get("global_step", 0)
         if self.config.subcommand == "fit":
             if 0 <= cfg.trainer.max_steps <= step:
@@ -267,6 +266,9 @@ class CharLMCLI(LightningCLI):
     def before_validate(self) -> None:
         self.model.check_data(self.datamodule)
 
+    def before_test(self) -> None:
+        self.model.check_data(self.datamodule)
+
     def before_predict(self) -> None:
         # Every prompt is checked before any is generated: a bad one in a later batch would otherwise fail
         # after minutes of work, and the earlier continuations would be lost with it.
@@ -276,8 +278,10 @@ class CharLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand
         self.ckpt_vocab = cfg.model.init_args.get("vocab")  # only present when read from a checkpoint
-        if self.subcommand in ("predict", "validate"):
-            # validate prints its metrics; a logger would only leave a new, nearly empty run folder
+        if self.ckpt_vocab and self.subcommand != "predict":  # before the corpus is read in the wrong unit
+            check_unit(self.ckpt_vocab, cfg.data.unit)
+        if self.subcommand in ("predict", "validate", "test"):
+            # validate and test print their metrics; a logger would only leave a new, nearly empty run folder
             cfg.trainer.logger = False
         if cfg.data.block_size is None:  # one place for the context length: the model's
             cfg.data.block_size = window_length(None, cfg.model.init_args)
@@ -300,8 +304,8 @@ class CharLMCLI(LightningCLI):
 SUBCOMMAND_HELP = {
     "early_stopping.patience": "validation rounds without improvement of val/loss before training stops.",
     "early_stopping.monitor": "the metric early stopping watches (default val/loss).",
-    "ckpt_path": "a checkpoint: fit resumes it in its own run folder (every state restored); validate and "
-    "predict use its model, which also makes its --model options the ones used. `last`: the newest "
+    "ckpt_path": "a checkpoint: fit resumes it in its own run folder (every state restored); validate, test "
+    "and predict use its model, which also makes its --model options the ones used. `last`: the newest "
     "logs/<name>/version_N/checkpoints/last.ckpt of this config's logger name, trained on a corpus of this "
     "file name.",
     "weights_only": "load checkpoints as tensors and primitives only (null means true); a file holding other "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import shutil
 import tempfile
 import urllib.request
+import zipfile
 from pathlib import Path
 
 from lightning_charlm.errors import CharLMError
@@ -15,6 +18,20 @@ TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
+# The first 100,000,000 bytes of an English Wikipedia dump (the Hutter prize's); the unzipped file's SHA-1
+# as Matt Mahoney's own table gives it.
+ENWIK8 = "enwik8"
+ENWIK8_SHA1 = "57b8363b814821dc9d47aa4d41f58733519076b2"
+ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+
+
+def _known() -> dict[str, tuple[str, str, str, str]]:
+    """Corpora found by name: (what to call it, URL, hash algorithm, digest). Read at each call, so the
+    URLs can be pointed elsewhere (the tests use local files)."""
+    return {
+        TINY_SHAKESPEARE: ("tiny Shakespeare", TINY_SHAKESPEARE_URL, "sha256", TINY_SHAKESPEARE_SHA256),
+        ENWIK8: ("enwik8", ENWIK8_URL, "sha1", ENWIK8_SHA1),
+    }
 
 
 def cache_dir() -> Path:
@@ -22,54 +39,99 @@ def cache_dir() -> Path:
     return Path(base) / "lightning_charlm"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _download(dest: Path) -> None:
-    """Download to a temporary file beside `dest`, verify, then rename: never a half-written corpus."""
+def _download(name: str, dest: Path) -> None:
+    """Download (and unzip) to a temporary file beside `dest`, verify, then rename: never a half-written
+    corpus."""
+    label, url, algorithm, expected = _known()[name]
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    unzipped = Path(tmp + ".unzipped")
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as r:
-            f.write(r.read())
-        digest = _sha256(Path(tmp))
-        if digest != TINY_SHAKESPEARE_SHA256:
-            raise CharLMError(
-                f"downloaded tiny Shakespeare has sha256 {digest}, expected {TINY_SHAKESPEARE_SHA256}"
-            )
-        os.replace(tmp, dest)
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
+            shutil.copyfileobj(r, f, 1 << 20)
+        got = Path(tmp)
+        if url.endswith(".zip"):
+            with zipfile.ZipFile(tmp) as z, z.open(name) as member, unzipped.open("wb") as out:
+                shutil.copyfileobj(member, out, 1 << 20)
+            got = unzipped
+        digest = _digest(got, algorithm)
+        if digest != expected:
+            raise CharLMError(f"downloaded {label} has {algorithm} {digest}, expected {expected}")
+        os.replace(got, dest)
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise CharLMError(
+            f"the download of {label} from {url} is not the expected zip file ({err})"
+        ) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+        unzipped.unlink(missing_ok=True)
 
 
-def default_corpus() -> Path:
-    """Tiny Shakespeare: $CHARLM_DATA_DIR, then the user cache, else downloaded once into the cache."""
+def known_corpus(name: str) -> Path:
+    """A corpus known by name: in $CHARLM_DATA_DIR, then the user cache, else downloaded once into the
+    cache and checked against its published digest."""
     env = os.environ.get("CHARLM_DATA_DIR")
-    if env and (Path(env) / TINY_SHAKESPEARE).is_file():
-        return Path(env) / TINY_SHAKESPEARE
-    cached = cache_dir() / TINY_SHAKESPEARE
+    if env and (Path(env) / name).is_file():
+        return Path(env) / name
+    cached = cache_dir() / name
     if cached.is_file():
         return cached
+    label, url, _, _ = _known()[name]
     try:
-        _download(cached)
+        _download(name, cached)
     except OSError as err:  # URLError is an OSError: offline, DNS, refused, timeout
         raise CharLMError(
-            f"tiny Shakespeare is not available and could not be downloaded ({err}). Provide it one of three "
-            f"ways: pass your own file with --data.path FILE; put {TINY_SHAKESPEARE} in the folder named by "
-            f"$CHARLM_DATA_DIR; or copy it to {cached} (source: {TINY_SHAKESPEARE_URL})"
+            f"{label} is not available and could not be downloaded ({err}). Provide it one of three "
+            f"ways: pass your own file with --data.path FILE; put {name} in the folder named by "
+            f"$CHARLM_DATA_DIR; or copy it to {cached} (source: {url})"
         ) from None
     return cached
 
 
+def default_corpus() -> Path:
+    """Tiny Shakespeare: $CHARLM_DATA_DIR, then the user cache, else downloaded once into the cache."""
+    return known_corpus(TINY_SHAKESPEARE)
+
+
 def corpus_path(path: str | os.PathLike | None) -> Path:
-    """The corpus file: `path`, or tiny Shakespeare when None; a missing path or a folder is a CharLMError."""
+    """The corpus file: `path`, tiny Shakespeare when None, or a corpus known by name (`enwik8`) when no
+    such file exists here; a missing path or a folder is a CharLMError."""
     p = default_corpus() if path is None else Path(path)
+    if not p.exists() and str(path) in _known():  # a corpus known by name (enwik8): found or downloaded
+        p = known_corpus(str(path))
     if not p.exists():
         raise CharLMError(f"corpus file not found: {p}")
-    if p.is_dir():
-        raise CharLMError(f"corpus path is a directory, expected a UTF-8 text file: {p}")
     return p
+
+
+def corpus_files(path: str | os.PathLike | None) -> list[Path]:
+    """The corpus's files, in sorted order: one file; every file under a folder (at any depth, hidden ones
+    left out); or every file a glob pattern matches (`**` crosses folders)."""
+    text = None if path is None else str(path)
+    if text is not None and any(c in text for c in "*?[") and not Path(text).exists():
+        files = sorted(p for p in map(Path, glob.glob(text, recursive=True)) if p.is_file())
+        if not files:
+            raise CharLMError(f"no file matches the corpus pattern {text}")
+        return files
+    p = corpus_path(path)
+    if not p.is_dir():
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+    if not files:
+        raise CharLMError(f"the corpus folder {p} holds no files")
+    return files
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def not_utf8(path: Path, byte: int, offset: int, reason: str) -> CharLMError:
@@ -82,6 +144,8 @@ def not_utf8(path: Path, byte: int, offset: int, reason: str) -> CharLMError:
 def read_corpus(path: str | os.PathLike | None) -> str:
     """The corpus as one string; a missing, empty or non-UTF-8 file is a CharLMError."""
     p = corpus_path(path)
+    if p.is_dir():
+        raise CharLMError(f"corpus path is a directory, expected a UTF-8 text file: {p}")
     raw = p.read_bytes()
     if not raw:
         raise CharLMError(f"corpus file is empty: {p}")

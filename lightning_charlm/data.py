@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from lightning_charlm.corpus import corpus_path, read_corpus
+from lightning_charlm.corpus import corpus_files, read_corpus
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.prepared import PREPARE_MIN_BYTES, prepared_ids, remap
-from lightning_charlm.tokenizer import CharTokenizer
+from lightning_charlm.tokenizer import BYTE_VOCAB, CharTokenizer
 
 DEFAULT_BLOCK_SIZE = 256  # windows for a model without a context length of its own (the bigram)
 MAX_PROMPTS = 10_000_000  # copies of the prompts to continue: a larger count is a typo
@@ -107,6 +107,16 @@ class Prompts(Dataset):
         return self.prompts[i]
 
 
+def check_unit(vocab: str, unit: str | None) -> None:
+    """A CharLMError unless a model of this vocabulary reads the tokens --data.unit makes."""
+    reads, given = ("bytes", "characters") if vocab == BYTE_VOCAB else ("characters", "bytes")
+    if (vocab == BYTE_VOCAB) != (unit == "byte"):
+        raise CharLMError(
+            f"the model reads {reads}, not {given}: leave --data.unit out (the checkpoint's is used) or give "
+            "the one it was trained with"
+        )
+
+
 class CharDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -120,12 +130,15 @@ class CharDataModule(L.LightningDataModule):
         prompts: list[str] | None = None,
         prompts_file: str | None = None,
         num_samples: int = 1,
+        split: list[float] | None = None,
+        unit: Literal["char", "byte"] | None = None,
     ):
         """The corpus and its windows; for predict, the prompts (how they are continued: --generate.*).
 
         Args:
-            path: the corpus, a UTF-8 text file; default tiny Shakespeare ($CHARLM_DATA_DIR, the cache, or a
-                download).
+            path: the corpus: a UTF-8 text file, a folder (every file in it, at any depth) or a glob
+                pattern ('books/**/*.txt'), files joined in sorted order by a newline; `enwik8` (found or
+                downloaded); default tiny Shakespeare ($CHARLM_DATA_DIR, the cache, or a download).
             block_size: characters per training and validation window; default the model's context
                 (--model.block_size), or 256 for a model without one (the bigram).
             batch_size: training windows per step (per device); for predict, prompts per batch.
@@ -136,6 +149,11 @@ class CharDataModule(L.LightningDataModule):
             prompts: predict: texts to continue (a list: '["ROMEO:", "JULIET:"]').
             prompts_file: predict: a UTF-8 file, one prompt per line; `-` reads them from stdin.
             num_samples: predict: continuations per prompt.
+            split: the corpus's contiguous parts: training and validation ([0.9, 0.1], the default), or
+                training, validation and test ([0.9, 0.05, 0.05]) for `charlm test`.
+            unit: what a token is: a Unicode character of a UTF-8 file (char, the default), or a byte
+                (byte: a vocabulary of all 256 values, any file, no decoding; val/bpc is then bits per byte).
+                A checkpoint's unit is used unless another is given.
         """
         super().__init__()
         for name, value in [
@@ -148,6 +166,12 @@ class CharDataModule(L.LightningDataModule):
                 raise CharLMError(f"data.{name} must be a positive integer, got {value}")
         if num_samples > MAX_PROMPTS:
             raise CharLMError(f"data.num_samples must be at most {MAX_PROMPTS:,}")
+        parts = [0.9, 0.1] if split is None else list(split)
+        if len(parts) not in (2, 3) or not all(p > 0 for p in parts) or abs(sum(parts) - 1) > 1e-6:
+            raise CharLMError(
+                f"data.split must be 2 or 3 positive fractions that sum to 1 (training, validation[, test]), "
+                f"e.g. [0.9, 0.05, 0.05]; got {split}"
+            )
         if val_stride is not None and val_stride < 1:
             raise CharLMError(f"data.val_stride must be between 1 and block_size, got {val_stride}")
         # The vocabulary is the model's hyperparameter. Not merged into the logger's hyperparameters either:
@@ -155,7 +179,7 @@ class CharDataModule(L.LightningDataModule):
         # rightly be shorter here than the model's context). config.yaml records them all.
         self.save_hyperparameters(ignore=["vocab"], logger=False)
         self._vocab = vocab
-        self._splits: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._splits: tuple[torch.Tensor, ...] | None = None
         self._prompts: list[str] | None = None
 
     @property
@@ -166,20 +190,34 @@ class CharDataModule(L.LightningDataModule):
         return self._vocab
 
     def _load(self) -> None:
-        path = corpus_path(self.hparams.path)
-        if path.stat().st_size >= PREPARE_MIN_BYTES:  # encoded once, then memory-mapped (prepared.py)
-            vocab, data = prepared_ids(path)
+        files, byte = corpus_files(self.hparams.path), self.hparams.unit == "byte"
+        if self._vocab is not None:
+            check_unit(self._vocab, self.hparams.unit)
+        if byte and len(files) == 1:  # the file is its own token file: mapped, never read in full
+            size = files[0].stat().st_size
+            if not size:
+                raise CharLMError(f"corpus file is empty: {files[0]}")
+            data = torch.from_file(str(files[0]), shared=False, size=size, dtype=torch.uint8)
+            self._vocab = self._vocab or BYTE_VOCAB
+        elif byte or len(files) > 1 or files[0].stat().st_size >= PREPARE_MIN_BYTES:
+            vocab, data = prepared_ids(files, byte)  # encoded once, then memory-mapped (prepared.py)
             if self._vocab not in (None, vocab):  # a checkpoint's vocabulary: its ids (in memory)
                 data = remap(data, vocab, self._vocab)
             self._vocab = self._vocab or vocab
         else:
-            text = read_corpus(path)
+            text = read_corpus(files[0])
             tok = CharTokenizer(self._vocab) if self._vocab else CharTokenizer.from_text(text)
             self._vocab = tok.vocab
             data = tok.encode(text)
-        n_train = int(0.9 * len(data))
-        train, val = data[:n_train], data[n_train:]
-        self._splits = (train, val)
+        n_train, n_val, _ = self._sizes(len(data))
+        self._splits = (data[:n_train], data[n_train : n_train + n_val], data[n_train + n_val :])
+
+    def _sizes(self, n: int) -> tuple[int, int, int]:
+        """Characters in training, validation and test (0 without a third fraction) of n."""
+        parts = self.hparams.split or [0.9, 0.1]
+        n_train = int(parts[0] * n)
+        n_val = n - n_train if len(parts) == 2 else int(parts[1] * n)
+        return n_train, n_val, n - n_train - n_val
 
     @property
     def block_size(self) -> int:
@@ -194,27 +232,39 @@ class CharDataModule(L.LightningDataModule):
             raise CharLMError(f"data.val_stride must be between 1 and block_size ({block}), got {stride}")
         train, val = self.splits
         need = block + 1
-        if min(len(train), len(val)) < need:
+        test = self.test_split
+        if min(len(train), len(val), len(test) if len(test) else need) < need:
+            parts = self.hparams.split or [0.9, 0.1]
 
             def fits(n: int) -> bool:
-                return min(int(0.9 * n), n - int(0.9 * n)) >= need
+                return all(size >= need for size in self._sizes(n)[: len(parts)])
 
-            shortest = 10 * need  # fits; a few characters less may too (rounding)
+            total, and_test = (
+                len(train) + len(val) + len(test),
+                f" and {len(test)} for test" if len(test) else "",
+            )
+            shortest = int(need / min(parts)) + 3  # fits; a few characters less may too (rounding)
             while fits(shortest - 1):
                 shortest -= 1
             raise CharLMError(
-                f"corpus too short: {len(train) + len(val)} characters split into {len(train)} for training "
-                f"and {len(val)} for validation, but one window at block_size {block} needs {need} "
-                f"characters in each; use a corpus of at least {shortest} characters or a smaller "
-                "--data.block_size"
+                f"corpus too short: {total} characters split into {len(train)} for training and {len(val)} "
+                f"for validation{and_test}, but one window at block_size {block} needs {need} characters in "
+                f"each; use a corpus of at least {shortest} characters or a smaller --data.block_size"
             )
 
     @property
     def splits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, val) ids: the first 90% and the last 10% of the corpus, contiguous."""
+        """(train, val) ids: the first 90% and the last 10% of the corpus (--data.split), contiguous."""
         if self._splits is None:
             self._load()
-        return self._splits
+        return self._splits[:2]
+
+    @property
+    def test_split(self) -> torch.Tensor:
+        """The ids after the validation part; empty without a third --data.split fraction."""
+        if self._splits is None:
+            self._load()
+        return self._splits[2]
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
@@ -227,6 +277,17 @@ class CharDataModule(L.LightningDataModule):
             device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
             self.train_set = RandomWindows(train.to(device), block, hp.batch_size, hp.seed + rank)
             self.val_set = StridedWindows(val, block, hp.val_stride or block)
+        if stage == "test":
+            if not len(self.test_split):
+                raise CharLMError(
+                    "the corpus has no test split (--data.split has two parts): train with three, e.g. "
+                    "--data.split [0.9,0.05,0.05] (training, validation, test), and test that model; "
+                    "`charlm validate` scores the validation part"
+                )
+            self.check()
+            self.test_set = StridedWindows(
+                self.test_split, self.block_size, self.hparams.val_stride or self.block_size
+            )
 
     def train_dataloader(self) -> RandomWindows:
         # The iterable itself, not a DataLoader around it: Lightning saves and restores the state of the
@@ -239,6 +300,12 @@ class CharDataModule(L.LightningDataModule):
         loader_rng = torch.Generator().manual_seed(0)
         return DataLoader(
             self._shard(self.val_set), batch_size=self.hparams.val_batch_size, generator=loader_rng
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        loader_rng = torch.Generator().manual_seed(0)  # as validation's: the global RNG stays untouched
+        return DataLoader(
+            self._shard(self.test_set), batch_size=self.hparams.val_batch_size, generator=loader_rng
         )
 
     def _shard(self, dataset: Dataset) -> Dataset:

@@ -25,7 +25,7 @@ from lightning_charlm.models import GPT, Bigram, GPTConfig
 from lightning_charlm.optim import MuonAdamW
 from lightning_charlm.runs import check_checkpoint
 from lightning_charlm.sampling import GenerationConfig, sample_text, stream_text
-from lightning_charlm.tokenizer import CharTokenizer
+from lightning_charlm.tokenizer import tokenizer_for
 
 MAX_WEIGHTS = 10**11  # 400 GB in fp32: anything larger is a typo, and would only hang or run out of memory
 # What a GPT checkpoint means by the options it predates: written before they existed, it was built so.
@@ -77,11 +77,11 @@ class CharLM(L.LightningModule):
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise CharLMError(f"model.betas must be two numbers in [0, 1), got {list(betas)}")
         self.save_hyperparameters()
-        self.tokenizer = CharTokenizer(vocab)
+        self.tokenizer = tokenizer_for(vocab)
         self.net = self.build_net(len(vocab))
         # Decided on the plain net: under FSDP the parameters become flat 1-D shards, so dims tell nothing.
         self._no_decay = {name for name, p in self.net.named_parameters() if p.dim() < 2}
-        self.val_loss = MeanMetric()
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.last_train_loss: torch.Tensor | None = None
         self.interrupted = threading.Event()  # set by a signal during predict (writer.PredictionWriter)
         self.generation = GenerationConfig()  # how to sample: --generate.* (set by the CLI), not a hparam
@@ -136,8 +136,9 @@ class CharLM(L.LightningModule):
         else:
             # Weighted by scored tokens, so val/loss is the exact mean over every validation character,
             # also when windows score different counts and under DDP.
-            self.val_loss.update(loss, weight=(y != IGNORE).sum())
-            self.log("val/loss", self.val_loss, prog_bar=True)
+            metric = self.val_loss if stage == "val" else self.test_loss
+            metric.update(loss, weight=(y != IGNORE).sum())
+            self.log(f"{stage}/loss", metric, prog_bar=stage == "val")
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -145,6 +146,9 @@ class CharLM(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -170,10 +174,16 @@ class CharLM(L.LightningModule):
         return self.trainer._logger_connector.should_update_logs
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()  # synced across ranks; Lightning logs and resets the metric itself
+        self._log_derived("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_derived("test", self.test_loss)
+
+    def _log_derived(self, stage: str, metric: MeanMetric) -> None:
+        loss = metric.compute()  # synced across ranks; Lightning logs and resets the metric itself
         # Identical on every rank already, so averaging them (sync_dist) changes nothing but the warning.
-        self.log("val/ppl", loss.exp(), sync_dist=True)
-        self.log("val/bpc", loss / math.log(2), sync_dist=True)
+        self.log(f"{stage}/ppl", loss.exp(), sync_dist=True)
+        self.log(f"{stage}/bpc", loss / math.log(2), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Every rank's RNG state (dropout draws from it), gathered so one file restores all ranks. Tensors

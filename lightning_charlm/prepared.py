@@ -18,37 +18,42 @@ import torch
 
 from lightning_charlm.corpus import cache_dir, not_utf8
 from lightning_charlm.errors import CharLMError
-from lightning_charlm.tokenizer import CharTokenizer
+from lightning_charlm.tokenizer import ByteTokenizer, CharTokenizer
 
 log = logging.getLogger("lightning_charlm")
 PREPARE_MIN_BYTES = int(os.environ.get("CHARLM_PREPARE_MIN_BYTES", 32 << 20))
 CHUNK = 16 << 20  # bytes read at a time: what preparing holds, whatever the corpus size
 DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
 FORMAT = 1  # bumped when the files' layout changes: older caches are then rebuilt
+SEPARATOR = "\n"  # between the files of a corpus made of several
 
 
-def prepared_ids(path: Path) -> tuple[str, torch.Tensor]:
-    """(vocabulary, ids) of the corpus at `path`, the ids memory-mapped from the cache, which is prepared
-    first when it is missing, stale (the file changed) or damaged (checked in full at every launch)."""
-    folder = cache_dir() / "tokens" / _key(path)
+def prepared_ids(files: list[Path], byte: bool = False) -> tuple[str, torch.Tensor]:
+    """(vocabulary, ids) of the corpus made of `files` (joined by SEPARATOR), as characters or bytes, the
+    ids memory-mapped from the cache, which is prepared first when it is missing, stale (a file changed) or
+    damaged (checked in full at every launch)."""
+    folder = cache_dir() / "tokens" / _key(files, byte)
     meta = _valid_meta(folder)
     if meta is None:
-        meta = _prepare(path, folder)
+        meta = _prepare(files, folder, byte)
     ids = torch.from_file(
         str(folder / "ids.bin"), shared=False, size=meta["count"], dtype=DTYPES[meta["dtype"]]
     )
     return meta["vocab"], ids
 
 
-def _key(path: Path) -> str:
-    """Names the cache of this file as it is now: its path, size, modification time, and a hash of its
-    first and last MB (an edit that keeps the size and restores the time still changes those, mostly)."""
-    st = path.stat()
-    h = hashlib.sha1(f"{FORMAT}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, st.st_size - (1 << 20)))
-        h.update(f.read(1 << 20))
+def _key(files: list[Path], byte: bool) -> str:
+    """Names the cache of these files as they are now: their paths, sizes, modification times, and a hash
+    of each one's first and last MB (an edit that keeps the size and restores the time still changes
+    those, mostly)."""
+    h = hashlib.sha1(f"{FORMAT}|{'byte' if byte else 'char'}".encode())
+    for path in files:
+        st = path.stat()
+        h.update(f"|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        with path.open("rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, st.st_size - (1 << 20)))
+            h.update(f.read(1 << 20))
     return h.hexdigest()[:20]
 
 
@@ -98,28 +103,47 @@ def _texts(path: Path):
                 return
 
 
-def _prepare(path: Path, folder: Path) -> dict:
-    log.warning("charlm: preparing %s (%.0f MB) once; later launches map it", path, path.stat().st_size / 1e6)
-    chars: set[str] = set()
-    for text in _texts(path):
-        chars.update(text)
-    if not chars:
-        raise CharLMError(f"corpus file is empty: {path}")
-    tok = CharTokenizer("".join(sorted(chars)))
+def _pieces(files: list[Path], byte: bool):
+    """The corpus in pieces of about CHUNK bytes, SEPARATOR between files: str, or bytes when `byte`."""
+    sep = SEPARATOR.encode() if byte else SEPARATOR
+    for i, path in enumerate(files):
+        if i:
+            yield sep
+        if not byte:
+            yield from _texts(path)
+            continue
+        with path.open("rb") as f:
+            while block := f.read(CHUNK):
+                yield block
+
+
+def _prepare(files: list[Path], folder: Path, byte: bool) -> dict:
+    size = sum(p.stat().st_size for p in files)
+    where = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]} ...)"
+    log.warning("charlm: preparing %s (%.0f MB) once; later launches map it", where, size / 1e6)
+    if byte:
+        tok = ByteTokenizer()
+    else:
+        chars: set[str] = set()
+        for text in _pieces(files, byte):
+            chars.update(text)
+        tok = CharTokenizer("".join(sorted(chars))) if chars else None
+    if tok is None or not size:
+        raise CharLMError(f"corpus file is empty: {where}")
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
     count, crc = 0, 0
     try:
         with os.fdopen(fd, "wb") as f:
-            for text in _texts(path):
-                raw = tok.encode(text).numpy().tobytes()
+            for piece in _pieces(files, byte):
+                raw = piece if byte else tok.encode(piece).numpy().tobytes()
                 f.write(raw)
-                crc, count = zlib.crc32(raw, crc), count + len(text)
+                crc, count = zlib.crc32(raw, crc), count + len(piece)
         os.replace(tmp, folder / "ids.bin")
     finally:
         Path(tmp).unlink(missing_ok=True)
-    meta = {"format": FORMAT, "source": str(path.resolve()), "vocab": tok.vocab, "count": count,
-            "dtype": str(tok.dtype).removeprefix("torch."), "crc32": crc}  # fmt: skip
+    meta = {"format": FORMAT, "sources": [str(p.resolve()) for p in files], "vocab": tok.vocab,
+            "count": count, "dtype": str(tok.dtype).removeprefix("torch."), "crc32": crc}  # fmt: skip
     part = folder / "meta.json.part"
     part.write_text(json.dumps(meta), encoding="utf-8")
     os.replace(part, folder / "meta.json")  # written last: a meta.json means whole ids

@@ -234,13 +234,15 @@ def stream_text(
     """The continuation of one prompt, a character at a time as it is generated, ending after `stop`. Joined,
     it is sample_text's text for the same settings."""
     encoded, steps = _prepare(model, tokenizer, [prompt], settings, use_cache, interrupted)
-    text = ""
+    text, decode = "", tokenizer.stream_decoder()
     for token in steps(encoded[0][None]):
-        piece = tokenizer.decode(token[0])
+        piece = decode(token[0])
         text += piece
         yield piece
         if settings.stop and text.endswith(settings.stop):
             return
+    if rest := decode(None):  # bytes of an unfinished character: replaced, as sample_text does
+        yield rest
 
 
 def sample_text(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Callable
+
 import torch
 
 from lightning_charlm.errors import CharLMError
@@ -59,3 +62,35 @@ class CharTokenizer:
     def start_id(self) -> int:
         """What an empty prompt starts from: a newline when the vocabulary has one."""
         return self.vocab.find("\n") if "\n" in self.vocab else 0
+
+    def stream_decoder(self) -> Callable[[torch.Tensor | None], str]:
+        """Text of each next token as it comes (None: the end); a byte tokenizer holds back a partial
+        character until its last byte."""
+        return lambda ids: "" if ids is None else self.decode(ids)
+
+
+BYTE_VOCAB = "".join(map(chr, range(256)))  # --data.unit byte: token i is the byte of value i
+
+
+class ByteTokenizer(CharTokenizer):
+    """One token per byte of the text's UTF-8 encoding, so any file is a corpus (--data.unit byte). Its
+    vocabulary, as kept in checkpoints, is BYTE_VOCAB; decoded text replaces broken UTF-8 sequences."""
+
+    def __init__(self):
+        super().__init__(BYTE_VOCAB)
+
+    def encode(self, text: str, chunk: int = 0) -> torch.Tensor:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return bytes(ids.tolist() if isinstance(ids, torch.Tensor) else ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> Callable[[torch.Tensor | None], str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda ids: decoder.decode(b"" if ids is None else bytes(ids.tolist()), final=ids is None)
+
+
+def tokenizer_for(vocab: str) -> CharTokenizer:
+    """Bytes when the vocabulary is BYTE_VOCAB (a character corpus holding exactly the 256 code points
+    U+0000-U+00FF and no other would read as bytes: no real text does), else characters."""
+    return ByteTokenizer() if vocab == BYTE_VOCAB else CharTokenizer(vocab)

@@ -3,9 +3,13 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_charlm import CharDataModule, CharLM
+from lightning_charlm.data import IGNORE, StridedWindows
 from tests.conftest import charlm_main, run_charlm
 
 TINY = [
@@ -176,3 +180,29 @@ def test_early_stopping_ends_an_overfitting_run(tmp_path, corpus):
     assert len(val) - 1 - best_round == 2  # patience 2: two rounds without improvement, then the stop
     best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     assert best["global_step"] == val[best_round][0] + 1
+
+
+def test_charlm_test_scores_the_held_out_test_split(tmp_path, corpus):
+    """`charlm test` finds the corpus and the split in the checkpoint and reports the exact test loss; a model
+    trained without a test part is refused in one line."""
+    quick = ["--trainer.max_steps", "10", "--trainer.val_check_interval", "10", "--sample.every_n_steps", "0"]
+    fit = charlm_main(
+        "fit", *TINY, "--data.path", str(corpus), "--data.split", "[0.8,0.1,0.1]", *quick, cwd=tmp_path
+    )
+    assert fit.returncode == 0, fit.stderr
+    best = tmp_path / "logs/charlm/version_0/checkpoints/best.ckpt"
+    res = charlm_main("test", "--ckpt_path", str(best), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    printed = float(re.search(r"test/loss\s*│\s*([\d.]+)", res.stdout).group(1))
+    model = CharLM.load_from_checkpoint(best).eval()
+    dm = CharDataModule(path=str(corpus), block_size=32, split=[0.8, 0.1, 0.1])
+    x, y = (torch.stack(t) for t in zip(*StridedWindows(dm.test_split, 32, 32), strict=True))
+    with torch.no_grad():
+        logits = model.net(x).flatten(0, 1)
+    exact = F.cross_entropy(logits, y.flatten(), ignore_index=IGNORE).item()
+    assert printed == pytest.approx(exact, rel=1e-5)
+    assert [p.name for p in (tmp_path / "logs/charlm").iterdir()] == ["version_0"]  # no new run folder
+    charlm_main("fit", *TINY, "--data.path", str(corpus), *quick, cwd=tmp_path)
+    plain = tmp_path / "logs/charlm/version_1/checkpoints/best.ckpt"
+    res = charlm_main("test", "--ckpt_path", str(plain), cwd=tmp_path)
+    assert res.returncode == 2 and "no test split" in res.stderr and "Traceback" not in res.stderr

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from lightning_charlm.data import IGNORE, CharDataModule, RandomWindows, StridedWindows
+from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import CharTokenizer
 from tests.conftest import needs_shakespeare
 
@@ -67,3 +69,23 @@ def test_val_windows_cover_every_target_exactly_once():
         assert torch.equal(x[:, 1:][kept], y[:, :-1][kept])  # y is x shifted by one
         x2, y2 = windows(data, block, stride)
         assert torch.equal(x, x2) and torch.equal(y, y2)  # fixed: identical on every run
+
+
+def test_a_test_split_is_cut_after_validation_and_the_default_is_unchanged(corpus):
+    n = len(corpus.read_text(encoding="utf-8"))
+    train, val = CharDataModule(path=str(corpus)).splits
+    assert (len(train), len(val)) == (int(0.9 * n), n - int(0.9 * n))  # as before --data.split existed
+    dm = CharDataModule(path=str(corpus), split=[0.8, 0.1, 0.1])
+    train3, val3 = dm.splits
+    assert (len(train3), len(val3), len(dm.test_split)) == (
+        int(0.8 * n),
+        int(0.1 * n),
+        n - len(train3) - len(val3),
+    )
+    assert torch.equal(
+        torch.cat([train3, val3, dm.test_split]), torch.cat([train, val])
+    )  # contiguous, in order
+    assert len(CharDataModule(path=str(corpus)).test_split) == 0
+    for bad in ([0.9, 0.2], [1.0], [0.5, 0.25, 0.125, 0.125], [1.1, -0.05, -0.05]):
+        with pytest.raises(CharLMError, match="data.split must be 2 or 3 positive fractions"):
+            CharDataModule(path=str(corpus), split=bad)

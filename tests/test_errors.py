@@ -56,7 +56,15 @@ PRED = ["predict", "--ckpt_path", BEST, "--trainer.logger", "false", "--generate
 PREDICT = [*PRED, "--writer.output", "out.txt"]
 CASES = {
     "corpus missing": (["fit", *TINY, "--data.path", "nope.txt"], r"corpus file not found: nope\.txt"),
-    "corpus is a directory": (["fit", *TINY, "--data.path", "logs"], r"is a directory"),
+    # A folder is a corpus of its files: these are checkpoints and event files, so the first is refused.
+    "corpus folder of binary files": (
+        ["fit", *TINY, "--data.path", "logs"],
+        r"not UTF-8 text: logs/.* byte offset",
+    ),
+    "corpus pattern matches nothing": (
+        ["fit", *TINY, "--data.path", "nope/*.txt"],
+        r"no file matches .*nope/\*\.txt",
+    ),
     "corpus empty": (["fit", *TINY, "--data.path", "empty.txt"], r"corpus file is empty"),
     "corpus too short": (["fit", *TINY, "--data.path", "short.txt"], r"too short.*at least \d+ characters"),
     "corpus not utf-8": (["fit", *TINY, "--data.path", "latin1.txt"], r"not UTF-8.*0xe9 at byte offset 3"),

@@ -116,3 +116,33 @@ def test_charlm_fit_and_validate_on_a_prepared_corpus(big, tmp_path):
     assert "preparing" in res.stderr and len(prepared_files(tmp_path)) == 1
     val = [e.value for e in scalars(tmp_path / "logs/charlm/version_0").Scalars("val/loss")]
     assert len(val) == 2 and val[1] < val[0]
+
+
+def test_a_folder_or_a_pattern_is_a_corpus_of_its_files_in_sorted_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    books = tmp_path / "books"
+    (books / "sub").mkdir(parents=True)
+    for name, text in {
+        "b.txt": "second\n",
+        "a.txt": "first",
+        "sub/c.md": "thïrd\n",
+        ".notes": "hidden",
+    }.items():
+        (books / name).write_text(text, encoding="utf-8")
+
+    def corpus(path, **kwargs):
+        dm = CharDataModule(path=str(path), block_size=2, **kwargs)
+        return dm.vocab, torch.cat(dm.splits)
+
+    vocab, ids = corpus(books)  # every file at any depth, hidden ones left out, joined by a newline
+    assert "".join(vocab[i] for i in ids.tolist()) == "first\nsecond\n\nthïrd\n"
+    vocab, ids = corpus(books / "*.txt")
+    assert "".join(vocab[i] for i in ids.tolist()) == "first\nsecond\n"
+    _, raw = corpus(books / "**" / "*.md", unit="byte")  # one file: mapped as it is
+    assert bytes(raw.tolist()) == "thïrd\n".encode()
+    _, raw = corpus(books, unit="byte")  # several: their bytes prepared into one file
+    assert bytes(raw.tolist()) == "first\nsecond\n\nthïrd\n".encode()
+    (tmp_path / "empty").mkdir()
+    for path, message in ((tmp_path / "empty", "holds no files"), (books / "*.csv", "no file matches")):
+        with pytest.raises(CharLMError, match=message):
+            corpus(path)
