@@ -1,7 +1,10 @@
 """--data.unit byte: any file is a corpus, one token per byte; text is decoded from UTF-8 with replacement."""
 
 import hashlib
+import random
+import re
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import BYTE_VOCAB, ByteTokenizer, tokenizer_for
 from tests.conftest import charlm_main, make_corpus
 from tests.test_cli import TINY
+
+CONFIG = Path(__file__).parents[1] / "configs/enwik8.yaml"
 
 
 def latin1_corpus(folder):
@@ -28,6 +33,18 @@ def test_bytes_of_any_file_are_the_tokens(tmp_path):
     train, val = dm.splits
     assert dm.vocab == BYTE_VOCAB and train.dtype == torch.uint8
     assert bytes(torch.cat([train, val]).tolist()) == path.read_bytes()
+
+
+def test_random_bytes_round_trip(tmp_path):
+    raw = random.Random(0).randbytes(20_000)  # mostly invalid UTF-8
+    assert b"\xff" in raw and raw.decode("utf-8", errors="ignore") != raw.decode("latin-1")
+    path = tmp_path / "random.bin"
+    path.write_bytes(raw)
+    dm = CharDataModule(path=str(path), unit="byte", split=[0.9, 0.05, 0.05])
+    ids = torch.cat([*dm.splits, dm.test_split])
+    assert bytes(ids.tolist()) == raw and tokenizer_for(dm.vocab).decode(ids) == raw.decode(
+        "utf-8", "replace"
+    )
 
 
 def test_the_byte_tokenizer_round_trips_and_streams_whole_characters():
@@ -86,3 +103,27 @@ def test_enwik8_is_found_by_name_downloaded_unzipped_and_checked(tmp_path, monke
     with pytest.raises(CharLMError, match="downloaded enwik8 has sha1 [0-9a-f]{40}, expected 0{40}"):
         _ = CharDataModule(path="enwik8", unit="byte").splits
     assert list(cached.parent.iterdir()) == []
+
+
+def test_the_enwik8_config_trains_and_tests_on_a_stand_in(tmp_path):
+    """configs/enwik8.yaml as it is (bytes, three parts), shrunk to run a few steps on a generated file."""
+    stand_in = tmp_path / "enwik8-like.xml"
+    page = "<page><title>Ünïcödé</title><text>" + "the king shall speak. " * 20 + "</text></page>\n"
+    stand_in.write_bytes(page.encode() * 60)
+    small = [
+        "--model.n_layer",
+        "1",
+        "--model.n_head",
+        "2",
+        "--model.n_embd",
+        "32",
+        "--model.block_size",
+        "32",
+    ]
+    small += ["--data.path", str(stand_in), "--sample.every_n_steps", "0"]
+    steps = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.accelerator", "cpu"]
+    fit = charlm_main("fit", "-c", str(CONFIG), *small, *steps, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    best = tmp_path / "logs/enwik8/version_0/checkpoints/best.ckpt"
+    res = charlm_main("test", "--ckpt_path", str(best), "--trainer.accelerator", "cpu", cwd=tmp_path)
+    assert res.returncode == 0 and re.search(r"test/bpc\W+\d\.\d+", res.stdout), res.stderr

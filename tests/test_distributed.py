@@ -30,8 +30,8 @@ RUN = [
 ]
 
 
-def val_loss(stdout: str) -> float:
-    return float(re.search(r"val/loss\W+([0-9.]+)", stdout).group(1))
+def val_loss(stdout: str, name: str = "val/loss") -> float:
+    return float(re.search(name + r"\W+([0-9.]+)", stdout).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,11 @@ def test_ddp_validate_equals_single_process(ddp_run):
     one = charlm_main(*args, cwd=tmp)
     assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
     assert abs(val_loss(two.stdout) - val_loss(one.stdout)) < 1e-5
+    # `charlm test` on a third part, sharded over the two ranks: the same exact mean as one process.
+    test = ["test", *args[1:], "--data.split", "[0.8,0.1,0.1]"]
+    two, one = run_charlm(*test, *DDP, cwd=tmp), charlm_main(*test, cwd=tmp)
+    assert two.returncode == 0 and one.returncode == 0, two.stderr + one.stderr
+    assert abs(val_loss(two.stdout, "test/loss") - val_loss(one.stdout, "test/loss")) < 1e-5
     rng = torch.load(best, weights_only=True)["rng"]["cpu"]
     assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # each rank's own RNG state
 
