@@ -1,8 +1,8 @@
-"""Large corpora are encoded once. The first launch reads the file in a streaming pass with bounded memory
-and writes its ids (uint8 when the vocabulary fits, else int16/int32) and vocabulary to the cache folder;
-later launches memory-map the ids, so neither start-up nor memory grows with the corpus, and every rank
-maps the same file. Corpora under PREPARE_MIN_BYTES are read directly: encoding a few MB costs less than
-checking a cache."""
+"""Large corpora, and corpora of several files, are encoded once. The first launch reads the files in a
+streaming pass with bounded memory and writes their ids (uint8 when the vocabulary fits, else int16/int32)
+and vocabulary to the cache folder; later launches memory-map the ids, so neither start-up nor memory grows
+with the corpus, and every rank maps the same file. A single file under PREPARE_MIN_BYTES is read directly
+(encoding a few MB costs less than checking a cache); a single file read as bytes is its own token file."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from lightning_charlm.corpus import cache_dir, not_utf8
 from lightning_charlm.errors import CharLMError
-from lightning_charlm.tokenizer import ByteTokenizer, CharTokenizer
+from lightning_charlm.tokenizer import BYTE_VOCAB, ByteTokenizer, CharTokenizer
 
 log = logging.getLogger("lightning_charlm")
 PREPARE_MIN_BYTES = int(os.environ.get("CHARLM_PREPARE_MIN_BYTES", 32 << 20))
@@ -147,7 +148,25 @@ def _prepare(files: list[Path], folder: Path, byte: bool) -> dict:
     part = folder / "meta.json.part"
     part.write_text(json.dumps(meta), encoding="utf-8")
     os.replace(part, folder / "meta.json")  # written last: a meta.json means whole ids
+    _drop_older(folder, meta)
     return meta
+
+
+def _drop_older(folder: Path, meta: dict) -> None:
+    """Remove the caches of earlier versions of the same files (same paths and unit), so editing a large
+    corpus does not leave a copy behind each time. A process still mapping one keeps reading it: the file
+    lives on until it is unmapped."""
+    for other in folder.parent.glob("*/meta.json"):
+        if other.parent == folder:
+            continue
+        try:
+            old = json.loads(other.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if old.get("sources") == meta["sources"] and (old.get("vocab") == BYTE_VOCAB) == (
+            meta["vocab"] == BYTE_VOCAB
+        ):
+            shutil.rmtree(other.parent, ignore_errors=True)
 
 
 def remap(ids: torch.Tensor, vocab: str, to_vocab: str) -> torch.Tensor:

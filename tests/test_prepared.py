@@ -67,8 +67,11 @@ def test_an_edited_corpus_is_prepared_again(big, tmp_path):
     edited = TEXT.replace("king", "kong", 1)  # same size, other bytes, and the old modification time
     big.write_text(edited, encoding="utf-8")
     os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (old,) = prepared_files(tmp_path)
     vocab, after = splits(big)
-    assert "".join(vocab[i] for i in after.tolist()) == edited and len(prepared_files(tmp_path)) == 2
+    assert "".join(vocab[i] for i in after.tolist()) == edited
+    (new,) = prepared_files(tmp_path)  # the earlier version's cache is gone: edits leave no copies behind
+    assert new != old and not old.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "one byte changed", "meta.json garbage", "ids.bin gone"])
