@@ -186,6 +186,37 @@ def generation(c: Check) -> None:
                 f"KV cache, {how}, bf16, batch {batch}, {new} tokens",
                 f"{max(rates[1:]):.0f} tok/s",
             )
+    profile_decode(c, net, device, 10 if c.smoke else 100)
+
+
+def profile_decode(c: Check, net, device: str, tokens: int) -> None:
+    """Where a compiled batch-1 token's time goes: torch.profiler over `tokens` tokens (already compiled),
+    the host's time and the device's per token, and the busiest ops in OUT/gen-profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_charlm import sampling
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with (
+        torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"),
+        profile(activities=activities) as p,
+    ):
+        start = sync(device)
+        sampling.generate(net, prompt, tokens, temperature=1.0, compile=True)
+        wall = sync(device) - start
+    events = p.key_averages()
+    host = sum(e.self_cpu_time_total for e in events) / 1e3 / tokens
+    dev = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / tokens
+    tables = [events.table(sort_by="self_cpu_time_total", row_limit=25)]
+    if device == "cuda":
+        tables.append(events.table(sort_by="self_device_time_total", row_limit=25))
+    (c.out / "gen-profile.txt").write_text("\n\n".join(tables))
+    c.row(
+        "generation",
+        f"compiled, batch 1, profiled over {tokens} tokens: wall / host op time / device time per token",
+        f"{1e3 * wall / tokens:.3f} / {host:.3f} / {dev:.3f} ms (busiest ops: gen-profile.txt)",
+    )
 
 
 def memory(c: Check) -> None:
