@@ -7,8 +7,8 @@ import sys
 
 SUBCOMMANDS = {
     "fit": "train a model, or resume one with --ckpt_path (a file, or `last`)",
-    "validate": "score a checkpoint on the held-out 10%: val/loss, val/ppl, val/bpc",
-    "test": "score a checkpoint on the test split (--data.split [0.9,0.05,0.05]): test/loss, test/bpc",
+    "validate": "score a checkpoint on the held-out validation part: val/loss, val/ppl, val/bpc",
+    "test": "score a checkpoint on its test part (--data.split [.9,.05,.05]): test/loss, test/ppl, test/bpc",
     "predict": "generate text from a checkpoint alone (--ckpt_path, --data.prompts)",
 }
 

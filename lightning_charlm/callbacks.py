@@ -20,6 +20,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lightning_charlm.corpus import TINY_SHAKESPEARE
 from lightning_charlm.errors import CharLMError
+from lightning_charlm.tokenizer import ByteTokenizer
 
 
 class TokensPerSecond(L.Callback):
@@ -219,8 +220,9 @@ class RunSummary(L.Callback):
             "batch_size": dm.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches,
             "max_steps": trainer.max_steps,
             "precision": str(trainer.precision),
-            "corpus": Path(dm.hparams.path).name if dm.hparams.path else TINY_SHAKESPEARE,
-            "vocab_size": len(pl_module.tokenizer.vocab),
+            "corpus": _corpus_name(dm.hparams.path),
+            "vocab_size": len(pl_module.tokenizer),
+            "unit": "byte" if isinstance(pl_module.tokenizer, ByteTokenizer) else "char",
         }
 
     def _line(self, trainer: L.Trainer) -> str:
@@ -231,5 +233,13 @@ class RunSummary(L.Callback):
         resumed = f", resuming at step {trainer.global_step}" if trainer.ckpt_path else ""
         return (
             f"{p['model']}{shape} {p['parameters']:,} parameters on {devices} ({p['precision']}); "
-            f"{p['corpus']}, {p['vocab_size']} characters{resumed}{where}"
+            f"{p['corpus']}, {p['vocab_size']} {'byte values' if p['unit'] == 'byte' else 'characters'}"
+            f"{resumed}{where}"
         )
+
+
+def _corpus_name(path: str | None) -> str:
+    """The file's (or folder's) name; a glob pattern whole (its last part alone would say little)."""
+    if path is None:
+        return TINY_SHAKESPEARE
+    return str(path) if any(c in str(path) for c in "*?[") else Path(path).name

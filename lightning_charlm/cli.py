@@ -17,15 +17,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.cli import (
-    LightningArgumentParser,
-    LightningCLI,
-    SaveConfigCallback,
-    _get_short_description,
-)
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_charlm.__main__ import SUBCOMMANDS
 from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, TokensPerSecond
 from lightning_charlm.checkpointing import Checkpoint
 from lightning_charlm.data import CharDataModule, check_unit, window_length
@@ -140,7 +136,7 @@ class CharLMCLI(LightningCLI):
         for name in self.subcommands():
             if self._only not in (None, name):
                 continue
-            description = _get_short_description(getattr(L.Trainer, name))
+            description = SUBCOMMANDS[name]  # charlm's words: Lightning's docstrings are cut mid-sentence
             sub_kwargs = {"description": description, **kwargs.get(name, {})}
             self._subcommand_parsers[name] = self._prepare_subcommand_parser(L.Trainer, name, **sub_kwargs)
             subcommands.add_subcommand(name, self._subcommand_parsers[name], help=description)

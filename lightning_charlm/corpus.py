@@ -137,7 +137,7 @@ def _hidden(relative: Path) -> bool:
 def not_utf8(path: Path, byte: int, offset: int, reason: str) -> CharLMError:
     return CharLMError(
         f"corpus file is not UTF-8 text: {path} has byte 0x{byte:02x} at byte offset {offset} ({reason}); "
-        "convert it with e.g. `iconv -t UTF-8`"
+        "convert it with e.g. `iconv -t UTF-8`, or train on its bytes with --data.unit byte"
     )
 
 

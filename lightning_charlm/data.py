@@ -136,9 +136,10 @@ class CharDataModule(L.LightningDataModule):
         """The corpus and its windows; for predict, the prompts (how they are continued: --generate.*).
 
         Args:
-            path: the corpus: a UTF-8 text file, a folder (every file in it, at any depth) or a glob
-                pattern ('books/**/*.txt'), files joined in sorted order by a newline; `enwik8` (found or
-                downloaded); default tiny Shakespeare ($CHARLM_DATA_DIR, the cache, or a download).
+            path: the corpus: a file (UTF-8 text, or anything with --data.unit byte), a folder (every file
+                in it, at any depth) or a glob pattern ('books/**/*.txt'), files joined in sorted order by a
+                newline; `enwik8` (found or downloaded); default tiny Shakespeare ($CHARLM_DATA_DIR, the
+                cache, or a download).
             block_size: characters per training and validation window; default the model's context
                 (--model.block_size), or 256 for a model without one (the bigram).
             batch_size: training windows per step (per device); for predict, prompts per batch.
@@ -171,6 +172,11 @@ class CharDataModule(L.LightningDataModule):
             raise CharLMError(
                 f"data.split must be 2 or 3 positive fractions that sum to 1 (training, validation[, test]), "
                 f"e.g. [0.9, 0.05, 0.05]; got {split}"
+            )
+        if val_stride is not None and block_size is not None and val_stride > block_size:
+            # Checked here too, not only before training: before a large corpus is read or prepared.
+            raise CharLMError(
+                f"data.val_stride must be between 1 and block_size ({block_size}), got {val_stride}"
             )
         if val_stride is not None and val_stride < 1:
             raise CharLMError(f"data.val_stride must be between 1 and block_size, got {val_stride}")

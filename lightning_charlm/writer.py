@@ -18,6 +18,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_charlm.errors import CharLMError
 
+# Control characters a model may generate (bytes models especially), shown as U+FFFD on a terminal: an ESC
+# sequence would act on the terminal, not be seen. Files and pipes get the text as it is.
+_CONTROLS = {c: "\ufffd" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if chr(c) not in "\n\t"}
+
+
+def terminal_safe(text: str) -> str:
+    return text.translate(_CONTROLS)
+
 
 class PredictionWriter(BasePredictionWriter):
     """Where predictions go: each prompt and its continuation are printed, and written to `output` if given.
@@ -82,7 +90,7 @@ class PredictionWriter(BasePredictionWriter):
         one = dm is not None and len(dm.prompt_list()) == 1 and trainer.world_size == 1
         self.streaming = one and self.format == "text" and sys.stdout.isatty()
         if self.streaming:
-            pl_module.stream_to = lambda piece: print(piece, end="", flush=True)
+            pl_module.stream_to = lambda piece: print(terminal_safe(piece), end="", flush=True)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -91,7 +99,12 @@ class PredictionWriter(BasePredictionWriter):
             records = [json.dumps(record, ensure_ascii=False) + "\n" for record in prediction]
         else:  # readable; a text with blank lines of its own cannot be split apart again (use jsonl)
             records = [f"{record['prompt']}{record['text']}\n\n" for record in prediction]
-        print("\n\n" if self.streaming else "".join(records), end="", flush=True)
+        shown = "".join(records)
+        print(
+            "\n\n" if self.streaming else terminal_safe(shown) if sys.stdout.isatty() else shown,
+            end="",
+            flush=True,
+        )
         if self.output is not None:
             with self._tmp(trainer).open("a", encoding="utf-8") as f:
                 f.writelines(records)

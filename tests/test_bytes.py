@@ -127,3 +127,11 @@ def test_the_enwik8_config_trains_and_tests_on_a_stand_in(tmp_path):
     best = tmp_path / "logs/enwik8/version_0/checkpoints/best.ckpt"
     res = charlm_main("test", "--ckpt_path", str(best), "--trainer.accelerator", "cpu", cwd=tmp_path)
     assert res.returncode == 0 and re.search(r"test/bpc\W+\d\.\d+", res.stdout), res.stderr
+
+
+def test_control_characters_are_shown_not_obeyed_on_a_terminal():
+    """A model (a byte model especially) can generate ESC sequences and bells: on a terminal they are shown
+    as U+FFFD; files and pipes get the text as generated (writer.PredictionWriter)."""
+    from lightning_charlm.writer import terminal_safe
+
+    assert terminal_safe("a\x1b[31mb\x07\r\n\tc\x9bé世") == "a\ufffd[31mb\ufffd\ufffd\n\tc\ufffdé世"
