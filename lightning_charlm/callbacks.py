@@ -18,7 +18,7 @@ from rich.progress import ProgressColumn, Task
 from rich.text import Text
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from lightning_charlm.corpus import TINY_SHAKESPEARE
+from lightning_charlm.corpus import TINY_SHAKESPEARE, is_pattern
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import ByteTokenizer
 
@@ -242,4 +242,4 @@ def _corpus_name(path: str | None) -> str:
     """The file's (or folder's) name; a glob pattern whole (its last part alone would say little)."""
     if path is None:
         return TINY_SHAKESPEARE
-    return str(path) if any(c in str(path) for c in "*?[") else Path(path).name
+    return str(path) if is_pattern(path) else Path(path).name

@@ -112,14 +112,18 @@ def corpus_path(path: str | os.PathLike | None) -> Path:
     return p
 
 
+def is_pattern(path: str | os.PathLike) -> bool:
+    """Whether --data.path is a glob pattern (and not a file whose name holds *, ? or [)."""
+    return any(c in str(path) for c in "*?[") and not Path(path).exists()
+
+
 def corpus_files(path: str | os.PathLike | None) -> list[Path]:
     """The corpus's files, in sorted order: one file; every file under a folder (at any depth, hidden ones
     left out); or every file a glob pattern matches (`**` crosses folders)."""
-    text = None if path is None else str(path)
-    if text is not None and any(c in text for c in "*?[") and not Path(text).exists():
-        files = sorted(p for p in map(Path, glob.glob(text, recursive=True)) if p.is_file())
+    if path is not None and is_pattern(path):
+        files = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if p.is_file())
         if not files:
-            raise CharLMError(f"no file matches the corpus pattern {text}")
+            raise CharLMError(f"no file matches the corpus pattern {path}")
         return files
     p = corpus_path(path)
     if not p.is_dir():

@@ -15,6 +15,7 @@ from lightning_charlm.errors import CharLMError
 from lightning_charlm.prepared import PREPARE_MIN_BYTES, prepared_ids, remap
 from lightning_charlm.tokenizer import BYTE_VOCAB, CharTokenizer
 
+DEFAULT_SPLIT = [0.9, 0.1]  # training, validation: --data.split's default
 DEFAULT_BLOCK_SIZE = 256  # windows for a model without a context length of its own (the bigram)
 MAX_PROMPTS = 10_000_000  # copies of the prompts to continue: a larger count is a typo
 IGNORE = -100  # cross_entropy's ignore_index: targets already scored by an earlier validation window
@@ -107,6 +108,11 @@ class Prompts(Dataset):
         return self.prompts[i]
 
 
+def _check_stride(stride: int | None, block_size: int) -> None:
+    if stride is not None and stride > block_size:
+        raise CharLMError(f"data.val_stride must be between 1 and block_size ({block_size}), got {stride}")
+
+
 def check_unit(vocab: str, unit: str | None) -> None:
     """A CharLMError unless a model of this vocabulary reads the tokens --data.unit makes."""
     reads, given = ("bytes", "characters") if vocab == BYTE_VOCAB else ("characters", "bytes")
@@ -167,17 +173,14 @@ class CharDataModule(L.LightningDataModule):
                 raise CharLMError(f"data.{name} must be a positive integer, got {value}")
         if num_samples > MAX_PROMPTS:
             raise CharLMError(f"data.num_samples must be at most {MAX_PROMPTS:,}")
-        parts = [0.9, 0.1] if split is None else list(split)
+        parts = DEFAULT_SPLIT if split is None else list(split)
         if len(parts) not in (2, 3) or not all(p > 0 for p in parts) or abs(sum(parts) - 1) > 1e-6:
             raise CharLMError(
                 f"data.split must be 2 or 3 positive fractions that sum to 1 (training, validation[, test]), "
                 f"e.g. [0.9, 0.05, 0.05]; got {split}"
             )
-        if val_stride is not None and block_size is not None and val_stride > block_size:
-            # Checked here too, not only before training: before a large corpus is read or prepared.
-            raise CharLMError(
-                f"data.val_stride must be between 1 and block_size ({block_size}), got {val_stride}"
-            )
+        if block_size is not None:  # checked now too, not only in check(): before a corpus is read
+            _check_stride(val_stride, block_size)
         if val_stride is not None and val_stride < 1:
             raise CharLMError(f"data.val_stride must be between 1 and block_size, got {val_stride}")
         # The vocabulary is the model's hyperparameter. Not merged into the logger's hyperparameters either:
@@ -218,9 +221,14 @@ class CharDataModule(L.LightningDataModule):
         n_train, n_val, _ = self._sizes(len(data))
         self._splits = (data[:n_train], data[n_train : n_train + n_val], data[n_train + n_val :])
 
+    @property
+    def parts(self) -> list[float]:
+        """The --data.split fractions: training, validation[, test]."""
+        return self.hparams.split or DEFAULT_SPLIT
+
     def _sizes(self, n: int) -> tuple[int, int, int]:
         """Characters in training, validation and test (0 without a third fraction) of n."""
-        parts = self.hparams.split or [0.9, 0.1]
+        parts = self.parts
         n_train = int(parts[0] * n)
         n_val = n - n_train if len(parts) == 2 else int(parts[1] * n)
         return n_train, n_val, n - n_train - n_val
@@ -233,22 +241,19 @@ class CharDataModule(L.LightningDataModule):
 
     def check(self) -> None:
         """Raise a CharLMError if the windows do not fit: each split needs one window, the stride one."""
-        block, stride = self.block_size, self.hparams.val_stride
-        if stride is not None and stride > block:
-            raise CharLMError(f"data.val_stride must be between 1 and block_size ({block}), got {stride}")
+        block = self.block_size
+        _check_stride(self.hparams.val_stride, block)
         train, val = self.splits
         need = block + 1
         test = self.test_split
         if min(len(train), len(val), len(test) if len(test) else need) < need:
-            parts = self.hparams.split or [0.9, 0.1]
+            parts = self.parts
 
             def fits(n: int) -> bool:
                 return all(size >= need for size in self._sizes(n)[: len(parts)])
 
-            total, and_test = (
-                len(train) + len(val) + len(test),
-                f" and {len(test)} for test" if len(test) else "",
-            )
+            total = len(train) + len(val) + len(test)
+            and_test = f" and {len(test)} for test" if len(test) else ""
             shortest = int(need / min(parts)) + 3  # fits; a few characters less may too (rounding)
             while fits(shortest - 1):
                 shortest -= 1

@@ -15,6 +15,7 @@ from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import BYTE_VOCAB, ByteTokenizer, tokenizer_for
 from tests.conftest import charlm_main, make_corpus
 from tests.test_cli import TINY
+from tests.test_readme import SMALL_GPT
 
 CONFIG = Path(__file__).parents[1] / "configs/enwik8.yaml"
 
@@ -110,17 +111,7 @@ def test_the_enwik8_config_trains_and_tests_on_a_stand_in(tmp_path):
     stand_in = tmp_path / "enwik8-like.xml"
     page = "<page><title>Ünïcödé</title><text>" + "the king shall speak. " * 20 + "</text></page>\n"
     stand_in.write_bytes(page.encode() * 60)
-    small = [
-        "--model.n_layer",
-        "1",
-        "--model.n_head",
-        "2",
-        "--model.n_embd",
-        "32",
-        "--model.block_size",
-        "32",
-    ]
-    small += ["--data.path", str(stand_in), "--sample.every_n_steps", "0"]
+    small = [*SMALL_GPT, "--data.path", str(stand_in), "--sample.every_n_steps", "0"]
     steps = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.accelerator", "cpu"]
     fit = charlm_main("fit", "-c", str(CONFIG), *small, *steps, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr

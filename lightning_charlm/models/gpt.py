@@ -101,7 +101,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.positions == "learned" else None
-        longest = max(2 * cfg.block_size, cfg.n_layer * (cfg.block_size - 1) + 1)  # decode; reach + 1
+        longest = max(2 * cfg.block_size, self.reach + 1)  # decoding's positions; the band's tokens
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, longest) if cfg.positions == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
