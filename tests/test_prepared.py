@@ -74,16 +74,21 @@ def test_an_edited_corpus_is_prepared_again(big, tmp_path):
     assert new != old and not old.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "one byte changed", "meta.json garbage", "ids.bin gone"])
+DAMAGES = ["truncated", "one byte changed", "one byte changed, times put back", "meta.json garbage", "ids.bin gone"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_cache_is_rebuilt_never_trained_on(big, tmp_path, damage, caplog):
     vocab, ids = splits(big)
     (ids_file,) = prepared_files(tmp_path)
-    raw = bytearray(ids_file.read_bytes())
+    raw, st = bytearray(ids_file.read_bytes()), ids_file.stat()
     if damage == "truncated":
         ids_file.write_bytes(raw[:-100])
-    elif damage == "one byte changed":
+    elif damage.startswith("one byte changed"):
         raw[len(raw) // 2] ^= 1
         ids_file.write_bytes(raw)
+        if damage.endswith("put back"):  # the check is skipped only while the kernel's ctime is unchanged
+            os.utime(ids_file, ns=(st.st_atime_ns, st.st_mtime_ns))
     elif damage == "meta.json garbage":
         (ids_file.parent / "meta.json").write_text("{not json")
     else:
@@ -91,6 +96,19 @@ def test_a_damaged_cache_is_rebuilt_never_trained_on(big, tmp_path, damage, capl
     with caplog.at_level(logging.WARNING, logger="lightning_charlm"):
         assert torch.equal(splits(big)[1], ids)
     assert "preparing" in caplog.text
+
+
+def test_an_unchanged_cache_is_checked_once(big, tmp_path):
+    splits(big)
+    (ids_file,) = prepared_files(tmp_path)
+    checked = ids_file.parent / "checked.json"
+    st = ids_file.stat()
+    assert json.loads(checked.read_text()) == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    checked.unlink()  # as if never checked: the next launch checks in full and records it
+    splits(big)
+    stamp = checked.stat().st_mtime_ns
+    splits(big)  # unchanged since: not checked again, the record is left as it was
+    assert checked.stat().st_mtime_ns == stamp
 
 
 def test_invalid_utf8_is_reported_at_its_offset_in_the_file(big):
