@@ -127,6 +127,12 @@ def throughput(c: Check) -> None:
         c.row("throughput", f"{r['what']}, {mode}: Trainer", f"{r['trainer_ms_step']:.2f} ms/step")
         spread = ", ".join(f"{k} {lo:.0f}-{hi:.0f}" for k, (lo, hi) in r["spread"].items())
         c.row("throughput", f"{mode}: Trainer / plain (tokens/s ranges: {spread})", f"{r['ratio']:.3f}")
+    host = compare(size, steps, warmup, 1, False, path=str(c.corpus) if c.corpus else None, on_device=False)
+    c.row(
+        "throughput",
+        "eager, Trainer with the split left on the host (pinned gather)",
+        f"{host['trainer_ms_step']:.2f} ms/step",
+    )
     best_plain = max(r["plain_tok_s"] for r in results.values())
     best_trainer = max(r["trainer_tok_s"] for r in results.values())
     c.row("throughput", "fastest Trainer / fastest plain loop", f"{best_trainer / best_plain:.3f}")

@@ -127,8 +127,9 @@ def plain_rate(dm, model_kwargs, steps, warmup, device, precision) -> float:
     return steps * dm.hparams.batch_size * dm.hparams.block_size / (sync(device) - start)
 
 
-def compare(size, steps, warmup, repeats, compile, path=None) -> dict:
-    """Median tokens/s of both sides (alternating) and the Trainer/plain ratio, with each side's range."""
+def compare(size, steps, warmup, repeats, compile, path=None, on_device=None) -> dict:
+    """Median tokens/s of both sides (alternating) and the Trainer/plain ratio, with each side's range.
+    on_device=False leaves the Trainer's training split on the host (the plain loop's stays on the device)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = "bf16-mixed" if device == "cuda" else "32-true"
     block, n_layer, n_head, n_embd, batch = SIZES[size]
@@ -136,7 +137,7 @@ def compare(size, steps, warmup, repeats, compile, path=None) -> dict:
         block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0, compile=compile
     )
     model_kwargs["fused"] = device == "cuda"
-    dm = CharDataModule(path=path, block_size=block, batch_size=batch)
+    dm = CharDataModule(path=path, block_size=block, batch_size=batch, on_device=on_device)
     runs = {"plain": [], "trainer": []}
     for _ in range(repeats):
         runs["plain"].append(plain_rate(dm, model_kwargs, steps, warmup, device, precision))

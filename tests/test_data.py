@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_charlm.data import IGNORE, CharDataModule, RandomWindows, StridedWindows
+from lightning_charlm.data import IGNORE, CharDataModule, RandomWindows, StridedWindows, on_device
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import CharTokenizer
 from tests.conftest import needs_shakespeare
@@ -35,6 +35,25 @@ def test_train_windows_shift_and_reproducible():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     c = iter(RandomWindows(data, block_size=16, batch_size=8, seed=4))
     assert not torch.equal(next(c)[0], next(iter(RandomWindows(data, 16, 8, seed=3)))[0])
+
+
+def test_train_windows_are_slices_of_a_mapped_split(tmp_path):
+    # The path a GPU run takes for a split left on the host: one gather into a buffer (pinned on CUDA), then
+    # a copy; the windows are the plain slices at the offsets the seed draws.
+    ids = torch.randint(0, 256, (5000,), dtype=torch.uint8)
+    (tmp_path / "ids.bin").write_bytes(ids.numpy().tobytes())
+    mapped = torch.from_file(str(tmp_path / "ids.bin"), size=5000, dtype=torch.uint8)
+    x, y = next(iter(RandomWindows(mapped, block_size=32, batch_size=6, seed=5, device="cpu")))
+    starts = torch.randint(5000 - 32, (6, 1), generator=torch.Generator().manual_seed(5)).flatten()
+    assert torch.equal(x, torch.stack([ids[i : i + 32] for i in starts]).long())
+    assert torch.equal(y, torch.stack([ids[i + 1 : i + 33] for i in starts]).long())
+
+
+def test_where_the_training_split_lives():
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert on_device(10**12, cpu, wanted=False)  # the host is the CPU's device: nothing to copy
+    assert on_device(10**12, cuda, wanted=True) and not on_device(1, cuda, wanted=False)
+    assert on_device(10**12, mps)  # shares the host's memory
 
 
 def test_train_windows_state_redraws_the_newest_batch():

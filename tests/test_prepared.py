@@ -74,7 +74,13 @@ def test_an_edited_corpus_is_prepared_again(big, tmp_path):
     assert new != old and not old.exists()
 
 
-DAMAGES = ["truncated", "one byte changed", "one byte changed, times put back", "meta.json garbage", "ids.bin gone"]
+DAMAGES = [
+    "truncated",
+    "one byte changed",
+    "one byte changed, times put back",
+    "meta.json garbage",
+    "ids.bin gone",
+]
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -103,7 +109,13 @@ def test_an_unchanged_cache_is_checked_once(big, tmp_path):
     (ids_file,) = prepared_files(tmp_path)
     checked = ids_file.parent / "checked.json"
     st = ids_file.stat()
-    assert json.loads(checked.read_text()) == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    assert json.loads(checked.read_text()) == [
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    ]
     checked.unlink()  # as if never checked: the next launch checks in full and records it
     splits(big)
     stamp = checked.stat().st_mtime_ns
