@@ -81,9 +81,13 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
         guess = difflib.get_close_matches(option, known, n=1)
         return f"unknown option {option}" + (f" (did you mean {guess[0]}?)" if guess else "")
     reason = next((line for line in lines if line.startswith("Expected")), lines[-1])
-    if key == "--data.prompts":
-        reason += """ (a list, in JSON: '["ROMEO:", "JULIET:"]')"""
-    return f"{key}: {reason}" if key else lines[0]
+    return f"{key}: {reason}{LIST_HINTS.get(key, '')}" if key else lines[0]
+
+
+LIST_HINTS = {  # options that take a list, where jsonargparse's reason does not say so
+    "--data.prompts": """ (a list, in JSON: '["ROMEO:", "JULIET:"]')""",
+    "--data.split": " (a list of 2 or 3 fractions, in JSON: [0.9,0.1] or [0.9,0.05,0.05])",
+}
 
 
 class SaveRunConfig(SaveConfigCallback):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -47,6 +48,41 @@ def _digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
+def file_stamp(path: Path) -> list[int]:
+    """What changes whenever anything writes to the file, truncates it, or even resets its times: its
+    ctime is set by the kernel and cannot be put back."""
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _check_found(name: str, path: Path) -> Path:
+    """A corpus found by name is the published file (results on another one would not be comparable): its
+    digest is checked the first time, and again only when the file changed since (a record in the cache)."""
+    label, url, algorithm, expected = _known()[name]
+    record = cache_dir() / "checked.json"
+    try:
+        checked = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        checked = {}
+    stamp = [*file_stamp(path), expected]
+    if checked.get(str(path.resolve())) == stamp:
+        return path
+    digest = _digest(path, algorithm)
+    if digest != expected:
+        raise CharLMError(
+            f"{path} is not the published {label}: its {algorithm} is {digest}, expected {expected} ({url}). "
+            f"Remove it to download it again, or train on it as your own file: --data.path {path}"
+        )
+    part = record.with_name(f"checked.{os.getpid()}.part")
+    try:  # atomic: ranks may race
+        record.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(json.dumps(checked | {str(path.resolve()): stamp}), encoding="utf-8")
+        os.replace(part, record)
+    except OSError:  # a read-only cache: checked at every launch
+        part.unlink(missing_ok=True)
+    return path
+
+
 def _download(name: str, dest: Path) -> None:
     """Download (and unzip) to a temporary file beside `dest`, verify, then rename: never a half-written
     corpus."""
@@ -77,13 +113,13 @@ def _download(name: str, dest: Path) -> None:
 
 def known_corpus(name: str) -> Path:
     """A corpus known by name: in $CHARLM_DATA_DIR, then the user cache, else downloaded once into the
-    cache and checked against its published digest."""
+    cache; checked against its published digest."""
     env = os.environ.get("CHARLM_DATA_DIR")
     if env and (Path(env) / name).is_file():
-        return Path(env) / name
+        return _check_found(name, Path(env) / name)
     cached = cache_dir() / name
     if cached.is_file():
-        return cached
+        return _check_found(name, cached)
     label, url, _, _ = _known()[name]
     try:
         _download(name, cached)

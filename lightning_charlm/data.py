@@ -294,7 +294,8 @@ class CharDataModule(L.LightningDataModule):
             raise CharLMError(
                 f"corpus too short: {total} characters split into {len(train)} for training and {len(val)} "
                 f"for validation{and_test}, but one window at block_size {block} needs {need} characters in "
-                f"each; use a corpus of at least {shortest} characters or a smaller --data.block_size"
+                f"each; use a corpus of at least {shortest} characters, a smaller --data.block_size, or "
+                f"larger --data.split fractions for the short parts"
             )
 
     @property

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_charlm.corpus import cache_dir, not_utf8
+from lightning_charlm.corpus import cache_dir, file_stamp, not_utf8
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import BYTE_VOCAB, ByteTokenizer, CharTokenizer
 
@@ -66,18 +66,11 @@ def _crc(path: Path) -> int:
     return crc
 
 
-def _stamp(ids: Path) -> list[int]:
-    """What changes whenever anything writes to the file, truncates it, or even resets its times: its
-    ctime is set by the kernel and cannot be put back."""
-    st = ids.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 def _checked(folder: Path) -> None:
     """Records that the ids as they are now have been checked in full (atomically: ranks may race)."""
     part = folder / f"checked.{os.getpid()}.part"
     try:
-        part.write_text(json.dumps(_stamp(folder / "ids.bin")), encoding="utf-8")
+        part.write_text(json.dumps(file_stamp(folder / "ids.bin")), encoding="utf-8")
         os.replace(part, folder / "checked.json")
     except OSError:  # a read-only cache: every launch checks in full
         part.unlink(missing_ok=True)
@@ -91,7 +84,7 @@ def _valid_meta(folder: Path) -> dict | None:
         ids = folder / "ids.bin"
         itemsize = torch.empty(0, dtype=DTYPES[meta["dtype"]]).element_size()
         try:
-            unchanged = json.loads((folder / "checked.json").read_text(encoding="utf-8")) == _stamp(ids)
+            unchanged = json.loads((folder / "checked.json").read_text(encoding="utf-8")) == file_stamp(ids)
         except (OSError, ValueError):
             unchanged = False
         if ids.stat().st_size == meta["count"] * itemsize and (unchanged or _crc(ids) == meta["crc32"]):

@@ -1,6 +1,7 @@
 """--data.unit byte: any file is a corpus, one token per byte; text is decoded from UTF-8 with replacement."""
 
 import hashlib
+import json
 import random
 import re
 import zipfile
@@ -104,6 +105,27 @@ def test_enwik8_is_found_by_name_downloaded_unzipped_and_checked(tmp_path, monke
     with pytest.raises(CharLMError, match="downloaded enwik8 has sha1 [0-9a-f]{40}, expected 0{40}"):
         _ = CharDataModule(path="enwik8", unit="byte").splits
     assert list(cached.parent.iterdir()) == []
+
+
+def test_a_corpus_found_by_name_is_the_published_one(tmp_path, monkeypatch):
+    """An enwik8 in $CHARLM_DATA_DIR is checked against the published digest, once per version of the file;
+    another file of that name is one clear error that says how to train on it anyway."""
+    body = bytes(range(256)) * 40
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "enwik8").write_bytes(body)
+    monkeypatch.setattr(corpus, "ENWIK8_SHA1", hashlib.sha1(body).hexdigest())
+    monkeypatch.setenv("CHARLM_DATA_DIR", str(data))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert corpus.corpus_path("enwik8") == data / "enwik8"
+    record = tmp_path / "cache/lightning_charlm/checked.json"
+    assert str(data / "enwik8") in json.loads(record.read_text())  # not hashed again while unchanged
+    (data / "enwik8").write_bytes(body[::-1])  # same size, other bytes
+    with pytest.raises(CharLMError, match=r"enwik8 is not the published enwik8: its sha1 is [0-9a-f]{40}, "):
+        corpus.corpus_path("enwik8")
+    with pytest.raises(CharLMError, match=r"train on it as your own file: --data.path .*enwik8"):
+        corpus.corpus_path("enwik8")
 
 
 def test_the_enwik8_config_trains_and_tests_on_a_stand_in(tmp_path):

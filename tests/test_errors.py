@@ -126,6 +126,7 @@ CASES = {
         r"validate needs a trained model: pass --ckpt_path",
     ),
     "prompts not a list": ([*PREDICT, "--data.prompts", "ROMEO:"], r"--data\.prompts: .*a list, in JSON"),
+    "split not a list": ([*FIT, "--data.split", "0.9"], r"--data\.split: .*a list of 2 or 3 fractions"),
     "an abbreviated option": ([*FIT, "--data.pa", "corpus.txt"], r"unknown option --data\.pa"),
     "other vocabulary": (
         ["validate", *TINY, "--data.path", "other.txt", "--ckpt_path", BEST],
