@@ -26,33 +26,45 @@ from lightning_charlm.tokenizer import ByteTokenizer
 class TokensPerSecond(L.Callback):
     """Training throughput, all ranks together, as `train/tokens_per_s` in the progress bar and TensorBoard.
 
-    Timed over windows of `every_n_steps` steps with one device sync per window; Lightning's
-    ThroughputMonitor syncs at every step, which costs GPU time. The first window includes warm-up.
-    The bar reads `rate` from here: a value logged with prog_bar=True becomes a device tensor that Lightning
-    turns back into a number (.item(), a sync) at the end of every step (on an H100: 0.87x of a plain loop).
+    Written to TensorBoard over windows of `every_n_steps` steps, with one device sync per window on a GPU;
+    Lightning's ThroughputMonitor syncs at every step, which costs GPU time. The first window includes
+    warm-up. The bar reads `rate` from here: a value logged with prog_bar=True becomes a device tensor that
+    Lightning turns back into a number (.item(), a sync) at the end of every step (on an H100: 0.87x of a
+    plain loop). Where the host's clock is the device's (CPU, and MPS), `rate` is renewed every
+    BAR_EVERY steps, so a slow CPU run shows one within seconds; on CUDA, at the sync of each window.
     """
+
+    BAR_EVERY = 5
 
     def __init__(self, every_n_steps: int = 50):
         self.every_n_steps = every_n_steps
         self.rate: float | None = None
-        self._t0: float | None = None
-        self._tokens, self._last_step = 0, -1
+        self._t0: float | None = None  # the window written to TensorBoard
+        self._bar_t0: float | None = None  # the window of `rate`
+        self._tokens, self._bar_tokens, self._last_step = 0, 0, -1
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args
     ) -> None:
-        self._tokens += batch[0].numel() * trainer.world_size
-        step = trainer.global_step
-        if self._t0 is not None and (step % self.every_n_steps or step == self._last_step):
+        tokens = batch[0].numel() * trainer.world_size
+        self._tokens, self._bar_tokens = self._tokens + tokens, self._bar_tokens + tokens
+        step, cuda = trainer.global_step, pl_module.device.type == "cuda"
+        window_end = step % self.every_n_steps == 0
+        if step == self._last_step or not (
+            window_end or self._t0 is None or (not cuda and step % self.BAR_EVERY == 0)
+        ):
             return
-        if pl_module.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(pl_module.device)
         now = time.perf_counter()
-        if self._t0 is not None:
-            self.rate = self._tokens / (now - self._t0)
-            if trainer.logger is not None and trainer.is_global_zero:  # at the step index train/loss gets
-                trainer.logger.log_metrics({"train/tokens_per_s": self.rate}, step - 1)
-        self._t0, self._tokens, self._last_step = now, 0, step
+        if self._bar_t0 is not None:
+            self.rate = self._bar_tokens / (now - self._bar_t0)
+        self._bar_t0, self._bar_tokens, self._last_step = now, 0, step
+        if self._t0 is None or window_end:
+            if self._t0 is not None and trainer.logger is not None and trainer.is_global_zero:
+                # At the step index train/loss gets.
+                trainer.logger.log_metrics({"train/tokens_per_s": self._tokens / (now - self._t0)}, step - 1)
+            self._t0, self._tokens = now, 0
 
 
 class StepProgressBar(RichProgressBar):
@@ -96,7 +108,7 @@ class StepProgressBar(RichProgressBar):
             if rates:
                 metrics["train/tokens_per_s"] = rates[0]
             self._metrics = {
-                self.SHORT.get(k, k): _short(v) for k, v in sorted(metrics.items(), key=self._order)
+                self.SHORT.get(k, k): _short(k, v) for k, v in sorted(metrics.items(), key=self._order)
             }
             self._read_at = now
         return self._metrics
@@ -126,11 +138,11 @@ def _clock(seconds: float | None) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
-def _short(value: Any) -> Any:
-    """3 decimals for a loss; large numbers (tokens/s) as 5.6k or 1.23M."""
+def _short(key: str, value: Any) -> Any:
+    """3 decimals for a loss; tokens/s as 946, 5.6k or 1.23M."""
     if isinstance(value, int | float) and abs(value) >= 1000:
         return f"{value / 1e6:.2f}M" if abs(value) >= 1e6 else f"{value / 1e3:.1f}k"
-    return value
+    return f"{value:.0f}" if key == "train/tokens_per_s" else value
 
 
 class SampleText(L.Callback):

@@ -146,7 +146,8 @@ class Checkpoint(ModelCheckpoint):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, SIGTERMException) and self.save_last:
+        # Only training has a state to keep (a signal during validate, test or predict saves nothing).
+        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             rank_zero_info(f"Stopped by a signal at step {trainer.global_step}; saved {self.last_model_path}")
         else:  # a crash or a non-finite loss: never overwrite good checkpoints with its state

@@ -170,8 +170,10 @@ class CharLM(L.LightningModule):
 
     def _logging_step(self) -> bool:
         """Whether the logger writes at this step. Per-step values are logged only then: each self.log call
-        costs the Trainer about a millisecond of CPU, which on a GPU is a tenth of a step."""
-        return self.trainer._logger_connector.should_update_logs
+        costs the Trainer about a millisecond of CPU, which on a GPU is a tenth of a step. The last step is
+        written too (Lightning writes then whatever was logged last: it would repeat an older step's)."""
+        last = 0 < self.trainer.max_steps <= self.trainer.global_step + 1
+        return self.trainer._logger_connector.should_update_logs or last
 
     def on_validation_epoch_end(self) -> None:
         self._log_derived("val", self.val_loss)

@@ -113,7 +113,8 @@ class PredictionWriter(BasePredictionWriter):
             self.on_predict_end(trainer, pl_module)
             where = f" to {self.path(trainer)}" if self.output is not None else ""
             rank_zero_info(
-                f"Stopped by a signal: {self.written} continuations (the last cut short) written{where}"
+                f"Stopped by a signal: {self.written} continuation{'s' * (self.written != 1)} "
+                f"(the last cut short) written{where}"
             )
             raise SIGTERMException
 

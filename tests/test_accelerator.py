@@ -208,7 +208,8 @@ def test_no_training_metric_makes_lightning_wait_for_the_device_each_step(corpus
 
     dm = CharDataModule(path=str(corpus), block_size=16, batch_size=4)
     model = GPTLM(dm.vocab, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
-    bar, rate = StepProgressBar(), TokensPerSecond(every_n_steps=3)
+    bar, rate = StepProgressBar(), TokensPerSecond(every_n_steps=50)  # on a CPU the bar's rate is renewed
+    # every 5 steps, before TensorBoard's first window of 50 ends
     trainer = L.Trainer(
         max_steps=10, log_every_n_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
         callbacks=[bar, rate],

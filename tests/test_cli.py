@@ -81,6 +81,8 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus):
     assert all(e.value > 0 for e in ea.Scalars("train/tokens_per_s"))
     steps = {tag: [e.step for e in ea.Scalars(tag)] for tag in ("train/loss", "train/tokens_per_s", "lr")}
     assert steps["train/tokens_per_s"] == [49] and steps["train/loss"] == steps["lr"] == [49, 59]  # one grid
+    lrs = [e.value for e in ea.Scalars("lr")]
+    assert lrs[1] < lrs[0]  # the last step's own values (the cosine has moved), not a copy of step 49's
     assert "lr" in tags
     assert "samples/text_summary" in ea.Tags()["tensors"]
     val = [e.value for e in ea.Scalars("val/loss")]

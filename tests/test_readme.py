@@ -74,7 +74,7 @@ def test_the_readme_commands_work_as_documented(tmp_path, monkeypatch, capsys):
         args = [a.replace("version_3", "version_0") for a in args[1:]]  # the README's example run number
         if args[0] == "fit" and "--print_config" not in args:
             args += [*SMALL, "--trainer.max_steps", str(next(steps) if "--ckpt_path" in args else 4)]
-            args += SMALL_GPT if "configs/gpt.yaml" in args else ["--data.block_size", "32"]
+            args += SMALL_GPT if "configs/gpt-cpu.yaml" in args else ["--data.block_size", "32"]
         elif args[0] == "validate":
             args += ["--trainer.accelerator", "cpu"]
         elif args[0] == "predict":
@@ -94,13 +94,13 @@ def test_the_readme_commands_work_as_documented(tmp_path, monkeypatch, capsys):
         elif args[0] == "validate":
             assert re.search(r"val/loss\s+│?\s*\d\.\d+", res.stdout)
         elif "--print_config" in args:
-            assert "block_size: 256" in res.stdout and "n_layer: 6" in res.stdout
+            assert "block_size: 128" in res.stdout and "n_layer: 3" in res.stdout  # gpt-cpu.yaml's
     # "Each run writes logs/<name>/version_N/ with the TensorBoard events, config.yaml, best.ckpt, last.ckpt"
-    gpt, bigram = tmp_path / "logs/gpt/version_0", tmp_path / "logs/bigram/version_0"
+    gpt, bigram = tmp_path / "logs/gpt-cpu/version_0", tmp_path / "logs/bigram/version_0"
     for run in (gpt, bigram):
         assert {"config.yaml", "checkpoints"} <= {p.name for p in run.iterdir()}
         assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
-    assert not (tmp_path / "logs/gpt/version_1").exists()  # every resume continued version_0
+    assert not (tmp_path / "logs/gpt-cpu/version_1").exists()  # every resume continued version_0
     # `tensorboard --logdir logs`: "train/loss, val/loss, val/ppl, val/bpc, lr, samples"
     ea = scalars(gpt)
     assert {"train/loss", "val/loss", "val/ppl", "val/bpc", "lr"} <= set(ea.Tags()["scalars"])
