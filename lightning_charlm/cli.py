@@ -84,6 +84,7 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
     return f"{key}: {reason}{LIST_HINTS.get(key, '')}" if key else lines[0]
 
 
+PREDICT_ONLY = ("data.prompts", "data.prompts_file", "data.num_samples")
 LIST_HINTS = {  # options that take a list, where jsonargparse's reason does not say so
     "--data.prompts": """ (a list, in JSON: '["ROMEO:", "JULIET:"]')""",
     "--data.split": " (a list of 2 or 3 fractions, in JSON: [0.9,0.1] or [0.9,0.05,0.05])",
@@ -152,8 +153,15 @@ class CharLMCLI(LightningCLI):
         for action in parser._actions:  # Lightning's generic text says little about what they mean here
             if action.dest in SUBCOMMAND_HELP:
                 action.help = SUBCOMMAND_HELP[action.dest]
-            elif action.dest == "data.vocab":  # filled in from the corpus or the checkpoint
+            elif action.dest in ("data.vocab", "return_predictions"):  # filled in; no use to a command
                 action.help = argparse.SUPPRESS
+            elif subcommand != "predict" and (
+                action.dest in PREDICT_ONLY or action.dest.split(".")[0] == "writer"
+            ):
+                action.help = argparse.SUPPRESS  # accepted (a config may hold them), but not listed
+        for group in parser._action_groups:  # the Trainer method's own group: its docstring is cut short
+            if any(action.dest == "ckpt_path" for action in group._group_actions):
+                group.title, group.description = f"charlm {subcommand}", None
         return parser
 
     def _parse_ckpt_path(self) -> None:
