@@ -203,6 +203,9 @@ class CharLM(L.LightningModule):
         self._resumed_at = checkpoint.get("global_step", 0)
 
     def on_train_start(self) -> None:
+        # The logger's step: Lightning counts it after a step's validation, so a checkpoint written there
+        # holds it one behind global_step, and every resume would shift TensorBoard's steps back by one.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
         # Applied here, not at load: the sanity check and other set-up between the two must not use it up.
         rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if rng is None:

@@ -156,3 +156,18 @@ def test_truncated_and_pickled_checkpoints_are_refused(tmp_path, reference):
         res = charlm_main(*cmd, "--ckpt_path", str(evil), cwd=tmp_path)
         assert res.returncode != 0 and "refused to load" in res.stderr and "Traceback" not in res.stderr
     assert not marker.exists()
+
+
+def test_a_resumed_run_logs_at_the_same_steps_as_an_uninterrupted_one(tmp_path, corpus):
+    """Lightning counts the logger's step after a step's validation, so the checkpoint written there held it
+    one behind: each resume shifted every later TensorBoard point back by one step."""
+    from tests.test_cli import scalars
+
+    args = [*TINY, "--data.path", str(corpus), "--trainer.val_check_interval", "4"]
+    args += ["--trainer.log_every_n_steps", "1", "--sample.every_n_steps", "0"]
+    for steps, resume in (("10", []), ("20", ["--ckpt_path", "last"])):
+        res = charlm_main("fit", *args, "--trainer.max_steps", steps, *resume, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+    ea = scalars(tmp_path / "logs/charlm/version_0")
+    assert [e.step for e in ea.Scalars("val/loss")] == [3, 7, 9, 11, 15, 19]  # global steps 4, 8, 10, 12, ...
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(20))
