@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerStatus
@@ -100,6 +101,25 @@ class SaveRunConfig(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+DEFAULT_MODEL = "lightning_charlm.GPTLM"
+
+
+def _names_a_model(args: list[str]) -> bool:
+    """Whether these arguments choose a model class: `--model X`, or a config file with a `model` entry."""
+    for i, arg in enumerate(args):
+        if arg == "--model" or arg.startswith("--model="):
+            return True
+        if arg in ("-c", "--config") or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError, yaml.YAMLError):
+                continue  # jsonargparse says what is wrong with it
+            if isinstance(config, dict) and isinstance(config.get("model"), str | dict):
+                return True
+    return False
+
+
 class CharLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The vocabulary is read from the corpus in CharDataModule and handed to whichever model is chosen.
@@ -112,8 +132,6 @@ class CharLMCLI(LightningCLI):
         parser.add_class_arguments(GenerationConfig, "generate")  # predict's and the samples' settings
         parser.set_defaults(
             {
-                # The model to train when none is named; with --ckpt_path the checkpoint's class wins.
-                "model": {"class_path": "lightning_charlm.GPTLM"},
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
                 "checkpoint.filename": "best",
@@ -131,6 +149,16 @@ class CharLMCLI(LightningCLI):
         given = sys.argv[1:] if given is None else given
         first = given[0] if isinstance(given, list) and given else None
         self._only = first if first in self.subcommands() else None
+        lead = [first] if self._only else []  # run=False (tests, benchmarks) parses without a subcommand
+        if (self._only or kwargs.get("run") is False) and not _names_a_model(given[len(lead) :]):
+            # The model to train when none is named (with --ckpt_path the checkpoint's class wins). Not a
+            # parser default: jsonargparse hands a default class's init_args to a class named later where
+            # it accepts them, and the bigram trained with the GPT's lr, warmup and weight decay.
+            named = [*lead, "--model", DEFAULT_MODEL, *given[len(lead) :]]
+            if kwargs.get("args") is None:
+                sys.argv[1:] = named  # where Lightning reads them (it warns when given both)
+            else:
+                kwargs["args"] = named
         super().__init__(*args, **kwargs)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:

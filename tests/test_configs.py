@@ -1,6 +1,7 @@
 """Every YAML in configs/ builds model, data and trainer with `charlm`'s own defaults, and says what the
 README's configs table says of it."""
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,19 @@ def test_config_builds_with_the_house_defaults(config, tmp_path, monkeypatch):
     assert trainer.logger.save_dir == "logs" and trainer.logger.name == config.stem
     kinds = {type(c) for c in trainer.callbacks}
     assert {Checkpoint, EarlyStopping, SampleText, TokensPerSecond} <= kinds
+
+
+@needs_shakespeare
+def test_a_named_model_has_its_own_defaults_not_the_default_models(tmp_path, monkeypatch):
+    """jsonargparse hands the init_args of a default class to a class named later where it accepts them: the
+    bigram trained with the GPT's lr, warmup and weight decay while its help showed its own defaults."""
+    monkeypatch.chdir(tmp_path)
+    keys, defaults = ("lr", "min_lr", "warmup_steps", "weight_decay"), inspect.signature(BigramLM).parameters
+    bigram_yaml = [p for p in CONFIGS if p.name == "bigram.yaml"]
+    for args, given in (
+        (["-c", str(*bigram_yaml)], dict(lr=0.1, min_lr=0.01)),  # what the config sets, the rest the class's
+        (["--model", "lightning_charlm.BigramLM"], {}),
+    ):
+        hp = cli([*args, "--trainer.accelerator", "cpu"], run=False).model.hparams
+        assert {k: hp[k] for k in keys} == {k: given.get(k, defaults[k].default) for k in keys}
+    assert type(cli(["--model.n_layer", "2"], run=False).model) is GPTLM  # none named: the GPT
