@@ -202,7 +202,8 @@ class CharLMCLI(LightningCLI):
         if cfg.get("weights_only") is None:
             cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
         if cfg.ckpt_path == "last":
-            cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger, cfg.data.path))
+            fitting = self.config.subcommand == "fit"
+            cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger, cfg.data.path, fitting))
         if not cfg.ckpt_path and self.config.subcommand in ("validate", "test", "predict"):
             raise CharLMError(
                 f"{self.config.subcommand} needs a trained model: pass --ckpt_path "

@@ -227,7 +227,8 @@ class CharLM(L.LightningModule):
         if self.generation.seed is None:  # a fresh seed per run, the same on every rank, and said aloud
             seed = self.trainer.strategy.broadcast(secrets.randbelow(2**31))
             self.generation = replace(self.generation, seed=seed)
-            rank_zero_info(f"sampling seed {seed} (--generate.seed {seed} repeats this output)")
+            if self.generation.temperature > 0:  # greedy decoding draws nothing: no seed to repeat
+                rank_zero_info(f"sampling seed {seed} (--generate.seed {seed} repeats this output)")
 
     def predict_step(self, prompts: list[str], batch_idx: int) -> list[dict[str, Any]]:
         """One record per prompt: the prompt, its continuation, and the settings (with the run's seed)."""

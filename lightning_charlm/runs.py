@@ -102,7 +102,7 @@ def _same_corpus(a: str | None, b: str | None) -> bool:
     return a == b or (a is not None and b is not None and Path(a).name == Path(b).name)
 
 
-def newest_last_checkpoint(logger, corpus: str | None) -> Path:
+def newest_last_checkpoint(logger, corpus: str | None, fitting: bool = True) -> Path:
     """The last.ckpt of the highest logs/<name>/version_N trained on `corpus`, or a CharLMError naming where
     it looked (and, when runs on other corpora are there, which)."""
     tb = _tensorboard_args(logger)
@@ -118,8 +118,13 @@ def newest_last_checkpoint(logger, corpus: str | None) -> Path:
     )
     if not found:
         raise CharLMError(
-            f"--ckpt_path last: no run to resume, {root}/version_*/checkpoints/last.ckpt does not exist. "
-            "Start a new run by leaving out --ckpt_path, or pass the checkpoint's path."
+            f"--ckpt_path last: no run to {'resume' if fitting else 'use'}, {root}/version_*/checkpoints/"
+            "last.ckpt does not exist. "
+            + (
+                "Start a new run by leaving out --ckpt_path, or pass the checkpoint's path."
+                if fitting
+                else "Pass the checkpoint's path, or the config of its run (-c) so that `last` looks there."
+            )
         )
     others = []
     for _, path in reversed(found):

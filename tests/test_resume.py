@@ -134,6 +134,8 @@ def test_last_with_no_run_is_a_clear_error(tmp_path, corpus):
     res = charlm_main("fit", *TINY, "--data.path", str(corpus), "--ckpt_path", "last", cwd=tmp_path)
     assert res.returncode != 0 and "no run to resume" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "logs").exists()
+    res = charlm_main("predict", "--data.path", str(corpus), "--ckpt_path", "last", cwd=tmp_path)
+    assert res.returncode == 2 and "no run to use" in res.stderr and "config of its run (-c)" in res.stderr
 
 
 def test_truncated_and_pickled_checkpoints_are_refused(tmp_path, reference):
