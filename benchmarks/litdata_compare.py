@@ -1,6 +1,8 @@
 """Lightning's LitData against charlm's token cache, for charlm's workload (batches of random windows of one
 token stream), on one machine, each step in a fresh process:
 
+Seconds count from after the imports.
+
 - prepare: charlm's first launch (`CharDataModule(path).splits`) vs `litdata.optimize` with a TokensLoader
   (the same tokenizer, one worker: one input file), seconds and peak RSS (worker processes included);
 - later launch to the first batch: the cache mapped + `RandomWindows` vs `StreamingDataset` +
@@ -35,10 +37,16 @@ def done(**extra):
 path, out, batch, block, batches = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 """
 
-OURS_PREPARE = "from lightning_charlm.data import CharDataModule\nCharDataModule(path=path).splits\ndone()"
+OURS_PREPARE = """
+from lightning_charlm.data import CharDataModule
+start = time.perf_counter()  # after the imports, here and below
+CharDataModule(path=path).splits
+done()
+"""
 
 OURS_READ = """
 from lightning_charlm.data import CharDataModule, RandomWindows
+start = time.perf_counter()
 train, _ = CharDataModule(path=path).splits
 it = iter(RandomWindows(train, block, batch, seed=0))
 next(it)
@@ -63,6 +71,7 @@ done(chunks=len(chunks))
 
 LIT_READ = """
 import litdata
+start = time.perf_counter()
 ds = litdata.StreamingDataset(out, item_loader=litdata.TokensLoader(block_size=block + 1), shuffle=True,
                               drop_last=True)
 it = iter(litdata.StreamingDataLoader(ds, batch_size=batch, num_workers=1))
