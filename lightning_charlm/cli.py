@@ -257,10 +257,12 @@ class CharLMCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         # Added here, not in the defaults: Lightning refuses a bar callback with enable_progress_bar=False.
-        # predict's output is stdout itself: a bar there only when it is a terminal, not a pipe or a file,
-        # and not for a single prompt, whose text streams to the terminal (a live bar would break it up).
-        if self.subcommand == "predict" and (
-            not sys.stdout.isatty() or len(self.datamodule.prompt_list()) == 1
+        # predict's, validate's and test's output is stdout itself (texts, the metrics): a bar there only
+        # when it is a terminal, not a pipe or a file, and not for a single prompt, whose text streams to
+        # the terminal (a live bar would break it up).
+        if self.subcommand in ("predict", "validate", "test") and (
+            not sys.stdout.isatty()
+            or (self.subcommand == "predict" and len(self.datamodule.prompt_list()) == 1)
         ):
             config["enable_progress_bar"] = False
         if config.get("enable_progress_bar") is not False:

@@ -202,10 +202,14 @@ class CharLM(L.LightningModule):
         self._saved_schedule = checkpoint.get("lr_schedule")  # None in checkpoints older than it
         self._resumed_at = checkpoint.get("global_step", 0)
 
-    def on_train_start(self) -> None:
-        # The logger's step: Lightning counts it after a step's validation, so a checkpoint written there
-        # holds it one behind global_step, and every resume would shift TensorBoard's steps back by one.
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # The logger's step equals global_step when a step begins. Lightning counts it after the step's
+        # validation, so a checkpoint written there holds it one behind; on a resume Lightning makes up for
+        # that in some cases (a regular round) and not in others (a run stopped at max_steps or by a
+        # callback), and every such resume shifted later TensorBoard points back by one step.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
+    def on_train_start(self) -> None:
         # Applied here, not at load: the sanity check and other set-up between the two must not use it up.
         rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if rng is None:
@@ -328,7 +332,7 @@ class CharLM(L.LightningModule):
                 change += f" at step {total}"
             else:  # a finished schedule: training on at min_lr, not a restart of the warmup and decay
                 change = f"had reached min_lr ({hp.min_lr:.3g}): the steps added run at min_lr"
-            rank_zero_info(f"max_steps {saved['total']} -> {total}: the learning rate {change}")
+            rank_zero_info(f"charlm: max_steps {saved['total']} -> {total}: the learning rate {change}")
             start, start_factor = resumed_at, old
         self.schedule = {"total": total, "start": start, "start_factor": start_factor}  # saved in checkpoints
         return lambda step: self._factor(step, total, start, start_factor, floor)

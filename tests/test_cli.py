@@ -105,6 +105,12 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus):
     assert val_run.returncode == 0, val_run.stderr
     reproduced = float(re.search(r"val/loss\W+([0-9.]+)", val_run.stdout).group(1))
     assert abs(reproduced - min(val)) < 1e-5  # the best checkpoint's val/loss, reproduced
+    bar = TINY.index("--trainer.enable_progress_bar")
+    with_bar = TINY[:bar] + TINY[bar + 2 :]
+    piped = run_charlm(
+        "validate", *with_bar, "--data.path", str(corpus), "--ckpt_path", str(best), cwd=tmp_path
+    )
+    assert piped.returncode == 0 and "Validation" not in piped.stdout + piped.stderr  # a pipe: no bar in it
 
     # predict needs the checkpoint alone: no corpus anywhere, and the download cache must stay empty
     corpus.unlink()
