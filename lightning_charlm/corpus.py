@@ -55,17 +55,40 @@ def file_stamp(path: Path) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _checks(record: Path) -> dict:
+    """The files `record` lists as checked: resolved path -> [stamp..., tag]."""
+    try:
+        checked = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return checked if isinstance(checked, dict) else {}
+
+
+def unchanged_since_check(record: Path, path: Path, tag: str) -> bool:
+    """Whether `path` is as it was when `record_check` last recorded it in `record` (checked against `tag`:
+    a digest or CRC), so its full check can be skipped."""
+    return _checks(record).get(str(path.resolve())) == [*file_stamp(path), tag]
+
+
+def record_check(record: Path, path: Path, tag: str) -> None:
+    """Records that `path`, as it is now, passed its full check against `tag`. Atomic (ranks may race); on a
+    read-only cache nothing is recorded and every launch checks in full."""
+    part = record.with_name(f"{record.name}.{os.getpid()}.part")
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        entry = {str(path.resolve()): [*file_stamp(path), tag]}
+        part.write_text(json.dumps(_checks(record) | entry), encoding="utf-8")
+        os.replace(part, record)
+    except OSError:
+        part.unlink(missing_ok=True)
+
+
 def _check_found(name: str, path: Path) -> Path:
     """A corpus found by name is the published file (results on another one would not be comparable): its
     digest is checked the first time, and again only when the file changed since (a record in the cache)."""
     label, url, algorithm, expected = _known()[name]
     record = cache_dir() / "checked.json"
-    try:
-        checked = json.loads(record.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        checked = {}
-    stamp = [*file_stamp(path), expected]
-    if checked.get(str(path.resolve())) == stamp:
+    if unchanged_since_check(record, path, expected):
         return path
     digest = _digest(path, algorithm)
     if digest != expected:
@@ -73,13 +96,7 @@ def _check_found(name: str, path: Path) -> Path:
             f"{path} is not the published {label}: its {algorithm} is {digest}, expected {expected} ({url}). "
             f"Remove it to download it again, or train on it as your own file: --data.path {path}"
         )
-    part = record.with_name(f"checked.{os.getpid()}.part")
-    try:  # atomic: ranks may race
-        record.parent.mkdir(parents=True, exist_ok=True)
-        part.write_text(json.dumps(checked | {str(path.resolve()): stamp}), encoding="utf-8")
-        os.replace(part, record)
-    except OSError:  # a read-only cache: checked at every launch
-        part.unlink(missing_ok=True)
+    record_check(record, path, expected)
     return path
 
 

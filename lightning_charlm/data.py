@@ -324,7 +324,7 @@ class CharDataModule(L.LightningDataModule):
             if on_device(train.nbytes, device, hp.on_device):
                 train = train.to(device)
             self.train_set = RandomWindows(train, block, hp.batch_size, hp.seed + rank, device)
-            self.val_set = StridedWindows(val, block, hp.val_stride or block)
+            self.val_set = self._scored_windows(val)
         if stage == "test":
             if not len(self.test_split):
                 raise CharLMError(
@@ -333,9 +333,7 @@ class CharDataModule(L.LightningDataModule):
                     "`charlm validate` scores the validation part"
                 )
             self.check()
-            self.test_set = StridedWindows(
-                self.test_split, self.block_size, self.hparams.val_stride or self.block_size
-            )
+            self.test_set = self._scored_windows(self.test_split)
 
     def train_dataloader(self) -> RandomWindows:
         # The iterable itself, not a DataLoader around it: Lightning saves and restores the state of the
@@ -343,18 +341,19 @@ class CharDataModule(L.LightningDataModule):
         return self.train_set
 
     def val_dataloader(self) -> DataLoader:
+        return self._scored_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._scored_loader(self.test_set)
+
+    def _scored_windows(self, split: torch.Tensor) -> StridedWindows:
+        return StridedWindows(split, self.block_size, self.hparams.val_stride or self.block_size)
+
+    def _scored_loader(self, windows: StridedWindows) -> DataLoader:
         # A private generator: a DataLoader draws a base seed from the global RNG at every iter(), and
         # validation must not move the RNG that dropout uses, or resumed runs would drift.
         loader_rng = torch.Generator().manual_seed(0)
-        return DataLoader(
-            self._shard(self.val_set), batch_size=self.hparams.val_batch_size, generator=loader_rng
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        loader_rng = torch.Generator().manual_seed(0)  # as validation's: the global RNG stays untouched
-        return DataLoader(
-            self._shard(self.test_set), batch_size=self.hparams.val_batch_size, generator=loader_rng
-        )
+        return DataLoader(self._shard(windows), batch_size=self.hparams.val_batch_size, generator=loader_rng)
 
     def _shard(self, dataset: Dataset) -> Dataset:
         """This rank's share, every `world_size`-th item: no duplicates and no padding (Lightning's sampler

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_charlm.corpus import cache_dir, file_stamp, not_utf8
+from lightning_charlm.corpus import cache_dir, not_utf8, record_check, unchanged_since_check
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import BYTE_VOCAB, ByteTokenizer, CharTokenizer
 
@@ -66,31 +66,19 @@ def _crc(path: Path) -> int:
     return crc
 
 
-def _checked(folder: Path) -> None:
-    """Records that the ids as they are now have been checked in full (atomically: ranks may race)."""
-    part = folder / f"checked.{os.getpid()}.part"
-    try:
-        part.write_text(json.dumps(file_stamp(folder / "ids.bin")), encoding="utf-8")
-        os.replace(part, folder / "checked.json")
-    except OSError:  # a read-only cache: every launch checks in full
-        part.unlink(missing_ok=True)
-
-
 def _valid_meta(folder: Path) -> dict | None:
     """The cache's description if its ids are whole and unchanged, else None. The CRC-32 of the whole file
     (0.7 s a GB) is computed only when the file changed since it was last checked."""
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        ids = folder / "ids.bin"
+        ids, record, crc = folder / "ids.bin", folder / "checked.json", str(meta["crc32"])
         itemsize = torch.empty(0, dtype=DTYPES[meta["dtype"]]).element_size()
-        try:
-            unchanged = json.loads((folder / "checked.json").read_text(encoding="utf-8")) == file_stamp(ids)
-        except (OSError, ValueError):
-            unchanged = False
-        if ids.stat().st_size == meta["count"] * itemsize and (unchanged or _crc(ids) == meta["crc32"]):
-            if not unchanged:
-                _checked(folder)
-            return meta
+        if ids.stat().st_size == meta["count"] * itemsize:
+            if unchanged_since_check(record, ids, crc):
+                return meta
+            if _crc(ids) == meta["crc32"]:
+                record_check(record, ids, crc)
+                return meta
         log.warning("charlm: the prepared corpus in %s is damaged; preparing it again", folder)
     except FileNotFoundError:
         pass
@@ -165,7 +153,7 @@ def _prepare(files: list[Path], folder: Path, byte: bool) -> dict:
     part = folder / "meta.json.part"
     part.write_text(json.dumps(meta), encoding="utf-8")
     os.replace(part, folder / "meta.json")  # written last: a meta.json means whole ids
-    _checked(folder)  # its CRC was taken as it was written
+    record_check(folder / "checked.json", folder / "ids.bin", str(crc))  # its CRC was taken as it was written
     _drop_older(folder, meta)
     return meta
 
