@@ -128,14 +128,18 @@ class Prompts(Dataset):
         return self.prompts[i]
 
 
-def on_device(nbytes: int, device: torch.device, wanted: bool | None = None) -> bool:
+def _free_cuda_memory(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def on_device(nbytes: int, device: torch.device, wanted: bool | None = None, free=_free_cuda_memory) -> bool:
     """Whether a training split of `nbytes` lives on `device`: as asked, else when it takes at most a
     quarter of the device's free memory (what is left is the model's, its optimizer's and activations')."""
     if device.type == "cpu":
         return True
     if wanted is not None or device.type != "cuda":  # MPS shares the host's memory: nothing to weigh
         return wanted is not False
-    return nbytes <= torch.cuda.mem_get_info(device)[0] // 4
+    return nbytes <= free(device) // 4
 
 
 def _check_stride(stride: int | None, block_size: int) -> None:

@@ -54,6 +54,13 @@ def test_where_the_training_split_lives():
     assert on_device(10**12, cpu, wanted=False)  # the host is the CPU's device: nothing to copy
     assert on_device(10**12, cuda, wanted=True) and not on_device(1, cuda, wanted=False)
     assert on_device(10**12, mps)  # shares the host's memory
+    # CUDA by default: a quarter of the free memory at most (the device's free bytes, given here)
+    assert on_device(250, cuda, free=lambda device: 1000) and not on_device(
+        251, cuda, free=lambda device: 1000
+    )
+    host = torch.zeros(100, dtype=torch.uint8)
+    assert RandomWindows(host, 8, 2, seed=0, device=cuda).pinned  # a mapped split for a GPU: pinned gather
+    assert not RandomWindows(host, 8, 2, seed=0).pinned
 
 
 def test_train_windows_state_redraws_the_newest_batch():
