@@ -120,6 +120,11 @@ class StepProgressBar(RichProgressBar):
         self._metrics = None
         super().on_validation_end(trainer, pl_module)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning stops the live bar at teardown, after on_fit_end: RunSummary's closing line would print
+        # above the bar's final state. Stopped here, the bar's last line comes first.
+        self._stop_progress()
+
 
 class ElapsedAndLeft(ProgressColumn):
     """`1:28<2:16` (elapsed < remaining), as tqdm writes it: half the width of Lightning's time column."""

@@ -39,6 +39,24 @@ def fit(tmp_path, *args: str):
     return res
 
 
+def on_a_terminal(cmd: list[str], cwd, env: dict | None = None) -> list[str]:
+    """Runs cmd with stdout on a pseudo-terminal; what it wrote, read by read; fails unless it exits 0."""
+    main, terminal = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=terminal, stderr=subprocess.DEVNULL, cwd=cwd, env=env)
+    os.close(terminal)
+    reads = []
+    while True:
+        try:
+            data = os.read(main, 4096)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not data:
+            break
+        reads.append(data.decode())
+    assert proc.wait(timeout=120) == 0
+    return reads
+
+
 def test_the_context_length_is_set_once(tmp_path, corpus):
     assert "--data.block_size" not in MODEL_ONLY and "--model.block_size" in MODEL_ONLY
     fit(tmp_path, "--data.path", str(corpus), "--model.block_size", "16", "--trainer.max_steps", "2")
@@ -100,6 +118,21 @@ def test_the_console_a_run_summary_and_the_hparams_tab(tmp_path, corpus, caplog)
     assert [m.name.tag for m in experiment.experiment.metric_infos] == ["hp/best_val_loss"]
     for noise in ("GPU available", "Received SIGTERM", "LeafSpec", "Sanity Checking", "Trainable params"):
         assert noise not in caplog.text + res.stdout + res.stderr
+
+
+def test_on_a_terminal_the_bar_ends_before_the_closing_line(tmp_path, corpus):
+    """In an 80-column terminal the bar's final state is drawn before the run's closing line, not below it,
+    and the opening line is broken between words."""
+    cmd = [CHARLM, "fit", *MODEL_ONLY, *QUICK, "--data.path", str(corpus), "--trainer.max_steps", "12"]
+    cmd += ["--trainer.enable_progress_bar", "true"]
+    out = "".join(on_a_terminal(cmd, tmp_path, env=os.environ | {"COLUMNS": "80", "LINES": "24"}))
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out).replace("\r", "\n")
+    closing = text.index("charlm: best val/loss")
+    assert text.rindex("12/12") < closing  # the full bar, then the closing line; no bar after it
+    assert "steps" not in text[closing:]
+    opening = text[: text.index(" -> logs/charlm/version_0")].split("charlm: ")[-1]
+    assert all(len(line) <= 80 for line in opening.splitlines())
+    assert re.search(r"\(32-true\); *\n+corpus\.txt,", opening)  # broken at a space, not inside a word
 
 
 def test_last_picks_a_run_of_the_same_corpus_and_a_checkpoint_knows_its_corpus(tmp_path):
@@ -231,20 +264,8 @@ def test_one_prompt_streams_to_a_terminal(tmp_path, corpus):
     fit(tmp_path, "--data.path", str(corpus), "--trainer.max_steps", "10")
     best = str(tmp_path / "logs/charlm/version_0/checkpoints/best.ckpt")
     settings = ["--generate.max_new_tokens", "300", "--generate.seed", "5"]
-    main, terminal = pty.openpty()
     cmd = [CHARLM, "predict", "--ckpt_path", best, "--data.prompts", '["The king"]', *settings]
-    proc = subprocess.Popen(cmd, stdout=terminal, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    os.close(terminal)
-    reads = []
-    while True:
-        try:
-            data = os.read(main, 4096)
-        except OSError:  # the terminal closed: the process is gone
-            break
-        if not data:
-            break
-        reads.append(data.decode())
-    assert proc.wait(timeout=120) == 0
+    reads = on_a_terminal(cmd, tmp_path)
     out = "".join(reads).replace("\r\n", "\n")
     expected = lightning_charlm.load(best).generate("The king", max_new_tokens=300, seed=5)
     assert out == "The king" + expected + "\n\n"
