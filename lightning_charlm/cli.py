@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerStatus
@@ -25,11 +24,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_charlm.__main__ import SUBCOMMANDS
 from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, TokensPerSecond
 from lightning_charlm.checkpointing import Checkpoint
-from lightning_charlm.data import CharDataModule, check_unit, window_length
+from lightning_charlm.data import DEFAULT_SPLIT, CharDataModule, check_unit, window_length
 from lightning_charlm.errors import CharLMError, user_error
 from lightning_charlm.module import GPTLM, CharLM, legacy_options
 from lightning_charlm.runs import (
     RUNTIME_OPTIONS,
+    SHAPE_OPTIONS,
     RunFolder,
     check_checkpoint,
     continue_run,
@@ -37,9 +37,12 @@ from lightning_charlm.runs import (
     model_named,
     newest_last_checkpoint,
     resume_conflicts,
+    unheld_test_text,
 )
 from lightning_charlm.sampling import GenerationConfig
 from lightning_charlm.writer import PredictionWriter
+
+log = logging.getLogger(__name__)
 
 
 def default_precision() -> str:
@@ -104,22 +107,6 @@ class SaveRunConfig(SaveConfigCallback):
 DEFAULT_MODEL = "lightning_charlm.GPTLM"
 
 
-def _names_a_model(args: list[str]) -> bool:
-    """Whether these arguments choose a model class: `--model X`, or a config file with a `model` entry."""
-    for i, arg in enumerate(args):
-        if arg == "--model" or arg.startswith("--model="):
-            return True
-        if arg in ("-c", "--config") or arg.startswith("--config="):
-            path = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-            try:
-                config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-            except (OSError, ValueError, yaml.YAMLError):
-                continue  # jsonargparse says what is wrong with it
-            if isinstance(config, dict) and isinstance(config.get("model"), str | dict):
-                return True
-    return False
-
-
 class CharLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The vocabulary is read from the corpus in CharDataModule and handed to whichever model is chosen.
@@ -150,7 +137,10 @@ class CharLMCLI(LightningCLI):
         first = given[0] if isinstance(given, list) and given else None
         self._only = first if first in self.subcommands() else None
         lead = [first] if self._only else []  # run=False (tests, benchmarks) parses without a subcommand
-        if (self._only or kwargs.get("run") is False) and not _names_a_model(given[len(lead) :]):
+        # Whether the user named a model (the default put in below is not one: with --ckpt_path the
+        # checkpoint's class is used, whichever it is).
+        self._model_named = isinstance(given, list) and model_named(given[len(lead) :])
+        if (self._only or kwargs.get("run") is False) and not self._model_named:
             # The model to train when none is named (with --ckpt_path the checkpoint's class wins). Not a
             # parser default: jsonargparse hands a default class's init_args to a class named later where
             # it accepts them, and the bigram trained with the GPT's lr, warmup and weight decay.
@@ -218,6 +208,14 @@ class CharLMCLI(LightningCLI):
         for key in ("split", "unit"):  # and its split (validate and test score what it held out) and unit
             if cfg.data.get(key) is None:
                 cfg.data[key] = trained.get(key)
+        trained_split = list(trained.get("split") or DEFAULT_SPLIT)  # None: the default, no test part
+        seen = unheld_test_text(trained_split, cfg.data.split) if trained else None
+        if self.config.subcommand == "test" and seen and cfg.data.path == corpus_of(ckpt):
+            log.warning(
+                "charlm: warning: the test part (the last %g%% of the corpus, --data.split %s) is text this "
+                "model was %s (it trained with --data.split %s): its test loss is not a held-out figure",
+                *(round(cfg.data.split[2] * 100, 2), list(cfg.data.split), seen, trained_split),
+            )
         step = ckpt.get("global_step", 0)
         if self.config.subcommand == "fit":
             if 0 <= cfg.trainer.max_steps <= step:
@@ -226,7 +224,7 @@ class CharLMCLI(LightningCLI):
                     "would train nothing; give a larger --trainer.max_steps to go on"
                 )
             continue_run(cfg.trainer.logger, Path(cfg.ckpt_path))
-        asked = cfg.model.class_path if model_named(self._args) else None
+        asked = cfg.model.class_path if self._model_named else None
         asked_args = dict(cfg.model.get("init_args") or {})
         super()._parse_ckpt_path()  # replaces the model config with the checkpoint's
         model = self.config[self.config.subcommand].model
@@ -250,10 +248,12 @@ class CharLMCLI(LightningCLI):
             for key in RUNTIME_OPTIONS:  # how to run it: the command line's choice stands
                 if key in asked_args:
                     model.init_args[key] = asked_args[key]
-
-    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        self._args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
-        super().parse_arguments(parser, args)
+        elif asked:  # validate, test and predict use the model as it was trained: say what is left unused
+            unused = resume_conflicts(model.class_path, asked_args, model.init_args, SHAPE_OPTIONS)
+            if unused:
+                log.warning(
+                    "charlm: %s is used as it was trained; not used: %s", cfg.ckpt_path, "; ".join(unused)
+                )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         # Added here, not in the defaults: Lightning refuses a bar callback with enable_progress_bar=False.

@@ -55,9 +55,26 @@ def check_checkpoint(path: str) -> dict[str, Any]:
 RUNTIME_OPTIONS = ("compile", "fused")
 
 
-def resume_conflicts(class_path: str, asked: dict[str, Any], held: dict[str, Any]) -> list[str]:
+# What a GPT is (models/gpt.py GPTConfig), as against how it trains or runs.
+SHAPE_OPTIONS = (
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "positions",
+    "norm",
+    "mlp",
+    "qk_norm",
+    "tie_head",
+)
+
+
+def resume_conflicts(
+    class_path: str, asked: dict[str, Any], held: dict[str, Any], keys: tuple[str, ...] | None = None
+) -> list[str]:
     """The model options the command sets (away from the class default) that differ from the checkpoint's:
-    Lightning would silently train or evaluate the checkpoint's values instead."""
+    Lightning would silently train or evaluate the checkpoint's values instead. With `keys`: those options,
+    defaults included (a model named for validate, test or predict, which use the checkpoint's shape)."""
     module, name = class_path.rsplit(".", 1)
     params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
     plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (YAML lists vs saved tuples)
@@ -65,22 +82,36 @@ def resume_conflicts(class_path: str, asked: dict[str, Any], held: dict[str, Any
         f"--model.{key} {plain(value)} (the checkpoint has {plain(held.get(key))})"
         for key, value in asked.items()
         if key in params
-        and key not in ("vocab", *RUNTIME_OPTIONS)
-        and plain(value) != plain(params[key].default)
+        and (key in keys if keys else key not in ("vocab", *RUNTIME_OPTIONS))
+        and (keys or plain(value) != plain(params[key].default))
         and plain(value) != plain(held.get(key))
     ]
 
 
+def unheld_test_text(trained: list[float] | None, asked: list[float] | None) -> str | None:
+    """Which part of the corpus a model saw that `charlm test` with split `asked` would score (None: the
+    test part was held out when it trained with split `trained`, or the split it trained with is unknown)."""
+    if not trained or not asked or len(asked) < 3:
+        return None
+    held_out = trained[2] if len(trained) == 3 else 0.0
+    test_start = 1 - asked[2]
+    if test_start >= 1 - held_out - 1e-9:
+        return None
+    return "trained and validated on" if test_start < trained[0] - 1e-9 else "validated on"
+
+
 def model_named(args: list[str]) -> bool:
-    """Whether the user chose a model class on the command line or in a -c config file."""
+    """Whether these arguments choose a model class: `--model X`, or a config file with a `model` entry."""
     for i, arg in enumerate(args):
         if arg == "--model" or arg.startswith(("--model=", "--model.class_path")):
             return True
-        path = args[i + 1] if arg in ("-c", "--config") and i + 1 < len(args) else None
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
-        if path and Path(path).is_file():
-            cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-            if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict | str):
+        if arg in ("-c", "--config") or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError, yaml.YAMLError):
+                continue  # jsonargparse says what is wrong with it
+            if isinstance(config, dict) and isinstance(config.get("model"), str | dict):
                 return True
     return False
 

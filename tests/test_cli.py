@@ -190,7 +190,7 @@ def test_early_stopping_ends_an_overfitting_run(tmp_path, corpus):
     assert best["global_step"] == val[best_round][0] + 1
 
 
-def test_charlm_test_scores_the_held_out_test_split(tmp_path, corpus):
+def test_charlm_test_scores_the_held_out_test_split(tmp_path, corpus, caplog):
     """`charlm test` finds the corpus and the split in the checkpoint and reports the exact test loss; a model
     trained without a test part is refused in one line."""
     quick = ["--trainer.max_steps", "10", "--trainer.val_check_interval", "10", "--sample.every_n_steps", "0"]
@@ -201,6 +201,7 @@ def test_charlm_test_scores_the_held_out_test_split(tmp_path, corpus):
     best = tmp_path / "logs/charlm/version_0/checkpoints/best.ckpt"
     res = charlm_main("test", "--ckpt_path", str(best), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+    assert "not a held-out figure" not in caplog.text  # its own test part: held out
     printed = float(re.search(r"test/loss\s*│\s*([\d.]+)", res.stdout).group(1))
     model = CharLM.load_from_checkpoint(best).eval()
     dm = CharDataModule(path=str(corpus), block_size=32, split=[0.8, 0.1, 0.1])
@@ -214,3 +215,23 @@ def test_charlm_test_scores_the_held_out_test_split(tmp_path, corpus):
     plain = tmp_path / "logs/charlm/version_1/checkpoints/best.ckpt"
     res = charlm_main("test", "--ckpt_path", str(plain), cwd=tmp_path)
     assert res.returncode == 2 and "no test split" in res.stderr and "Traceback" not in res.stderr
+    # Given a test part, the text it scores is the end of what this model was validated on: it says so.
+    res = charlm_main("test", "--ckpt_path", str(plain), "--data.split", "[0.8,0.1,0.1]", cwd=tmp_path)
+    assert res.returncode == 0 and re.search(
+        r"the test part \(the last 10% .*was validated on \(it trained with --data.split \[0.9, 0.1\]\)"
+        r": its test loss is not a held-out figure",
+        caplog.text,
+    )
+    # A model named for validation is not the one validated (the checkpoint's is): it says what is unused.
+    res = charlm_main(
+        "validate",
+        "--model",
+        "lightning_charlm.GPTLM",
+        "--model.n_layer",
+        "3",
+        "--ckpt_path",
+        str(plain),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0 and f"{plain} is used as it was trained; not used: " in caplog.text
+    assert "--model.n_layer 3 (the checkpoint has 2)" in caplog.text

@@ -61,7 +61,7 @@ def readme_commands(section: str) -> list[tuple[str | None, list[str]]]:
 
 
 @needs_shakespeare
-def test_the_readme_commands_work_as_documented(tmp_path, monkeypatch, capsys):
+def test_the_readme_commands_work_as_documented(tmp_path, monkeypatch, capsys, caplog):
     shutil.copytree(README.parent / "configs", tmp_path / "configs")
     make_corpus(tmp_path).rename(tmp_path / "my_text.txt")
     usage, resume = readme_commands("Usage"), readme_commands("Resume and crash safety")
@@ -101,6 +101,11 @@ def test_the_readme_commands_work_as_documented(tmp_path, monkeypatch, capsys):
         assert {"config.yaml", "checkpoints"} <= {p.name for p in run.iterdir()}
         assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert not (tmp_path / "logs/gpt-cpu/version_1").exists()  # every resume continued version_0
+    # "a checkpoint alone is enough to generate text": whichever model it holds, none named
+    caplog.clear()
+    for cmd in (["validate"], ["predict", "--generate.max_new_tokens", "5"]):
+        res = charlm_main(*cmd, "--ckpt_path", str(bigram / "checkpoints/best.ckpt"), cwd=tmp_path)
+        assert res.returncode == 0 and "not used" not in caplog.text, res.stderr
     # `tensorboard --logdir logs`: "train/loss, val/loss, val/ppl, val/bpc, lr, samples"
     ea = scalars(gpt)
     assert {"train/loss", "val/loss", "val/ppl", "val/bpc", "lr"} <= set(ea.Tags()["scalars"])
