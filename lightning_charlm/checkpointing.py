@@ -148,10 +148,23 @@ class Checkpoint(ModelCheckpoint):
     ) -> None:
         # Only training has a state to keep (a signal during validate, test or predict saves nothing).
         if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
+            if trainer.validating:
+                _as_if_validation_not_begun(trainer.fit_loop.epoch_loop.val_loop.batch_progress)
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             rank_zero_info(f"Stopped by a signal at step {trainer.global_step}; saved {self.last_model_path}")
         else:  # a crash or a non-finite loss: never overwrite good checkpoints with its state
             super().on_exception(trainer, pl_module, exception)
+
+
+def _as_if_validation_not_begun(progress) -> None:
+    """Rewinds a validation round stopped part-way to "its first batch fetched, none scored". Resumed from
+    the state as it was, Lightning would skip the round (its curve would lack that point, best.ckpt would
+    miss that step) or finish only its remaining batches (an inexact val/loss); from this one, Lightning's
+    restarted-mid-evaluation path runs the round again from its first batch."""
+    before = progress.total.completed - progress.current.completed  # batches of earlier rounds
+    for counts, done in ((progress.total, before), (progress.current, 0)):
+        counts.ready = counts.started = done + 1
+        counts.processed = counts.completed = done
 
 
 class BackgroundCheckpointIO(TorchCheckpointIO):

@@ -42,6 +42,18 @@ class SlowSteps(L.Callback):
         time.sleep(self.seconds)
 
 
+class SignalInValidation(L.Callback):
+    """Sends this process SIGTERM once the first batch of the validation round at `step` is scored, as a
+    Ctrl-C or a scheduler's stop during validation would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.step and batch_idx == 0 and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class PoisonAtStep(L.Callback):
     """Sets a weight to inf once `step` steps are done, as a diverging run would, so the loss turns nan."""
 
