@@ -33,6 +33,11 @@ class Checkpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args: Any, last_every_n_steps: int | None = 100, **kwargs: Any):
+        """Lightning's ModelCheckpoint, with best.ckpt and last.ckpt set by charlm.
+
+        Args:
+            last_every_n_steps: write last.ckpt every this many optimizer steps too (None: validation only).
+        """
         super().__init__(*args, **kwargs)
         self.last_every_n_steps = last_every_n_steps
         self._last_periodic_step = -1  # with gradient accumulation several batches end on one step

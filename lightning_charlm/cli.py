@@ -53,6 +53,19 @@ class CharLMParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, allow_abbrev=False, **kwargs)  # --data.pa is a typo, not --data.path
 
+    def format_help(self) -> str:
+        # UNLISTED options are hidden from --help only: an action's help set to SUPPRESS would also drop
+        # its value from --print_config and the run's config.yaml.
+        hidden = [a for a in self._actions if a.dest in UNLISTED and a.help is not argparse.SUPPRESS]
+        shown = [a.help for a in hidden]
+        for action in hidden:
+            action.help = argparse.SUPPRESS
+        try:
+            return super().format_help()
+        finally:
+            for action, text in zip(hidden, shown, strict=True):
+                action.help = text
+
     def error(self, message: str, ex: Exception | None = None):
         """A bad option: one `charlm: error:` line naming it (with a guess for a misspelt one), then where
         to find them all; not jsonargparse's usage and nested union report."""
@@ -89,6 +102,25 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
 
 
 PREDICT_ONLY = ("data.prompts", "data.prompts_file", "data.num_samples")
+# Accepted (a config may hold them) but not listed by --help: ModelCheckpoint's, which charlm sets so that
+# a run keeps best.ckpt and last.ckpt, and the Trainer's that have no use here (training counts steps in one
+# endless epoch; the datamodule shards the data itself; RunSummary replaces the model summary).
+UNLISTED = tuple(
+    f"checkpoint.{name}"
+    for name in (
+        "filename", "monitor", "mode", "save_last", "save_top_k", "auto_insert_metric_name",
+        "enable_version_counter", "every_n_epochs", "every_n_train_steps", "train_time_interval",
+        "save_on_train_epoch_end", "save_on_exception", "save_weights_only", "verbose",
+    )
+) + ("early_stopping.mode", "early_stopping.check_on_train_epoch_end") + tuple(
+    f"trainer.{name}"
+    for name in (
+        "max_epochs", "min_epochs", "check_val_every_n_epoch", "reload_dataloaders_every_n_epochs",
+        "use_distributed_sampler", "overfit_batches", "limit_train_batches", "limit_predict_batches",
+        "enable_model_summary", "enable_checkpointing", "default_root_dir", "model_registry",
+        "enable_autolog_hparams", "sync_batchnorm", "barebones", "inference_mode",
+    )
+)  # fmt: skip
 LIST_HINTS = {  # options that take a list, where jsonargparse's reason does not say so
     "--data.prompts": """ (a list, in JSON: '["ROMEO:", "JULIET:"]')""",
     "--data.split": " (a list of 2 or 3 fractions, in JSON: [0.9,0.1] or [0.9,0.05,0.05])",

@@ -174,6 +174,11 @@ def test_help_is_quick_and_says_what_the_options_mean(tmp_path):
     assert len(options) >= 14 and not [opt for opt, text in options if text.startswith("(type:")]
     assert "--data.prompts" not in fit_help and "--writer." not in fit_help  # predict's, listed there only
     assert "newest" in fit_help and "`last`" in fit_help  # --ckpt_path in this project's words
+    # Options charlm sets itself, or that have no use here, are not listed, yet kept where a config is saved
+    assert "--trainer.max_epochs" not in fit_help and "--checkpoint.filename" not in fit_help
+    assert "write last.ckpt every" in fit_help and len(fit_help.splitlines()) < 550
+    printed = charlm_main("fit", "--trainer.max_epochs", "3", "--print_config", cwd=tmp_path).stdout
+    assert "max_epochs: 3" in printed and "filename: best" in printed
     assert "Shared by both" not in charlm_main("fit", "--model.help", "GPTLM", cwd=tmp_path).stdout
     for name in ("predict", "test"):  # no header of Lightning's cut mid-sentence ("... Useful to:")
         sub_help = charlm_main(name, "--help", cwd=tmp_path).stdout
