@@ -97,8 +97,41 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
             )
         guess = difflib.get_close_matches(option, known, n=1)
         return f"unknown option {option}" + (f" (did you mean {guess[0]}?)" if guess else "")
-    reason = next((line for line in lines if line.startswith("Expected")), lines[-1])
+    missing = re.search(r"File does not exist: '(.+)'", message)
+    if key == "--config" and missing:
+        return f"config file not found: {missing.group(1)}"
+    reason = _expected(lines) or next((line for line in lines if line.startswith("Expected")), lines[-1])
     return f"{key}: {reason}{LIST_HINTS.get(key, '')}" if key else lines[0]
+
+
+TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "text",
+    "list": "a list",
+}
+
+
+def _expected(lines: list[str]) -> str | None:
+    """jsonargparse's "Expected a <class 'int'>. Got value: ten" (or a Union's list of them) in words:
+    "expected an integer, got ten"; choices named: "expected one of char, byte, got bytes"."""
+    wanted, value = [], None
+    for line in lines:
+        match = re.match(r"Expected a (.+?)(?:\. Got value: (.*))?$", line.lstrip("- "))
+        if match:
+            kind = match.group(1)
+            choices, cls = re.match(r"typing\.Literal\[(.*)\]$", kind), re.match(r"<class '(\w+)'>$", kind)
+            word = f"one of {choices.group(1).replace(chr(39), '')}" if choices else kind
+            word = TYPE_WORDS.get(cls.group(1), cls.group(1)) if cls else word
+            if "NoneType" not in kind and word not in wanted:
+                wanted.append(word)
+            value = match.group(2) if value is None else value  # the innermost, found first
+        elif line.startswith("Given value:") and value is None:
+            value = line.split(":", 1)[1].strip()
+    if not wanted:
+        return None
+    return f"expected {' or '.join(wanted)}" + (f", got {value}" if value is not None else "")
 
 
 PREDICT_ONLY = ("data.prompts", "data.prompts_file", "data.num_samples")
@@ -391,6 +424,7 @@ TRAINER_CHECKS = {
         ),  # else: time
         "a number of steps >= 1 (or a fraction of an epoch in (0, 1])",
     ),
+    "max_steps": (lambda v: v >= 1, "a number of optimizer steps >= 1 (the learning rate decays until then)"),
     "log_every_n_steps": (lambda v: v >= 1, ">= 1"),
     "accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),
     "gradient_clip_val": (lambda v: v >= 0, ">= 0"),

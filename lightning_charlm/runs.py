@@ -165,7 +165,7 @@ def newest_last_checkpoint(logger, corpus: str | None, fitting: bool = True) -> 
             held = corpus
         if _same_corpus(held, corpus):
             return path
-        others.append(f"{path.parent.parent.name} on {held}")
+        others.append(f"{path.parent.parent.name} on {held or 'tiny Shakespeare'}")
     raise CharLMError(
         f"--ckpt_path last: no run on {corpus or 'tiny Shakespeare'} in {root} ({', '.join(others)}); "
         "pass that run's --data.path, or the checkpoint's path"

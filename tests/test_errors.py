@@ -162,9 +162,19 @@ CASES = {
     ),
     "max_steps negative": (
         [*FIT, "--trainer.max_steps", "-5"],
-        r"`max_steps` must be a non-negative integer",
+        r"max_steps must be a number of optimizer steps >= 1",
     ),
-    "lr not a number": ([*FIT, "--model.lr", "nan"], r"--model\.lr: Expected a <class 'float'>"),
+    "max_steps 0": ([*FIT, "--trainer.max_steps", "0"], r"--trainer\.max_steps must be .* >= 1 .*, got 0$"),
+    "max_steps not an integer": (
+        [*FIT, "--trainer.max_steps", "ten"],
+        r"max_steps: expected an integer, got ten$",
+    ),
+    "lr not a number": ([*FIT, "--model.lr", "nan"], r"--model\.lr: expected a number, got nan$"),
+    "unit not a choice": (
+        [*FIT, "--data.unit", "bytes"],
+        r"--data\.unit: expected one of char, byte, got bytes$",
+    ),
+    "config not found": ([*FIT, "-c", "nope.yaml"], r"charlm: error: config file not found: \S*nope\.yaml$"),
     "misspelt option": (
         [*FIT, "--data.pth", "x"],
         r"unknown option --data\.pth \(did you mean --data\.path\?\)",
@@ -207,7 +217,7 @@ def test_bad_input(case, work, monkeypatch, capsys):
         main(list(args))
     err = capsys.readouterr().err
     assert exit.value.code == 2, err[-2000:]
-    assert re.search(message, err), err[-2000:]
+    assert re.search(message, err, re.M), err[-2000:]
     assert "Traceback" not in err
     assert snapshot(work) == before  # nothing changed or removed, and nothing new: no run folder, no .tmp
 
