@@ -374,7 +374,15 @@ class CharDataModule(L.LightningDataModule):
         hp = self.hparams
         prompts = list(hp.prompts or [])
         if hp.prompts_file == "-":
-            prompts += sys.stdin.read().splitlines()
+            if sys.stdin.isatty():  # typed, not piped: say how to end them
+                print(
+                    "charlm: reading prompts from the terminal, one per line; end with Ctrl-D",
+                    file=sys.stderr,
+                )
+            lines = sys.stdin.read().splitlines()
+            if not lines:
+                raise CharLMError("--data.prompts_file -: stdin held no prompts (one per line)")
+            prompts += lines
         elif hp.prompts_file:
             path = Path(hp.prompts_file)
             if path.is_dir():
@@ -382,12 +390,15 @@ class CharDataModule(L.LightningDataModule):
             if not path.is_file():
                 raise CharLMError(f"prompts file not found: {path}")
             try:
-                prompts += path.read_text(encoding="utf-8").splitlines()
+                lines = path.read_text(encoding="utf-8").splitlines()
             except UnicodeDecodeError as err:
                 raise CharLMError(
                     f"prompts file {path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset "
                     f"{err.start}"
                 ) from None
+            if not lines:  # an empty line is an empty prompt; an empty file is likely a mistake
+                raise CharLMError(f"prompts file {path} is empty: one prompt per line")
+            prompts += lines
         self._prompts = [p for p in (prompts or [""]) for _ in range(hp.num_samples)]
         return self._prompts
 

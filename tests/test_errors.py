@@ -32,6 +32,7 @@ def work(tmp_path_factory) -> Path:
     (tmp / "other.txt").write_text("Ünïcödé ✓ 世界 🙂\n" * 400)
     (tmp / "blocked").write_text("a file where the logs folder should be\n")
     (tmp / "latin1-prompts.txt").write_bytes(b"caf\xe9\n")
+    (tmp / "no-prompts.txt").write_text("")
     ckpt = torch.load(tmp / BEST, weights_only=True)
     torch.save({"state_dict": ckpt["state_dict"]}, tmp / "weights-only.ckpt")
     hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "vocab"}
@@ -184,6 +185,7 @@ CASES = {
         [*PRED, "--data.prompts_file", "latin1-prompts.txt"],
         r"not UTF-8 text: byte 0xe9",
     ),
+    "prompts file empty": ([*PRED, "--data.prompts_file", "no-prompts.txt"], r"no-prompts\.txt is empty"),
     "prompts file is a directory": (
         [*PRED, "--data.prompts_file", "logs"],
         r"prompts file logs is a directory",

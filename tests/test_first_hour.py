@@ -2,12 +2,14 @@
 found by corpus, a quiet console with a summary, TensorBoard's HParams tab, readable --help, predictions
 tools can read and a seed that is said aloud."""
 
+import io
 import json
 import os
 import pty
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -209,7 +211,7 @@ def test_predict_jsonl_and_a_fresh_seed_said_aloud(tmp_path, corpus, caplog):
     assert (tmp_path / "p.jsonl").read_text(encoding="utf-8") == again.stdout
 
 
-def test_the_python_api_stdin_and_one_settings_type(tmp_path, corpus):
+def test_the_python_api_stdin_and_one_settings_type(tmp_path, corpus, monkeypatch):
     """load() + generate/stream give predict's text for a seed; prompts from stdin; --generate.* sets both
     predict and the samples during training."""
     import lightning_charlm
@@ -250,6 +252,9 @@ def test_the_python_api_stdin_and_one_settings_type(tmp_path, corpus):
         timeout=120,
     )
     assert piped.returncode == 0, piped.stderr
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # nothing piped in: one clear error
+    res = charlm_main("predict", "--ckpt_path", best, "--data.prompts_file", "-", cwd=tmp_path)
+    assert res.returncode == 2 and "stdin held no prompts" in res.stderr
     records = [json.loads(line) for line in piped.stdout.splitlines()]
     assert [r["prompt"] for r in records] == ["The king", "My lord"]
     lm = lightning_charlm.load(best)
