@@ -19,6 +19,9 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_charlm.errors import CharLMError
 
+# (step, path) of each last.ckpt written because a signal stopped training: the run's closing line names it.
+SAVED_ON_SIGNAL: list[tuple[int, str]] = []
+
 
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint that never leaves a half-written file and loses at most `last_every_n_steps` steps.
@@ -137,7 +140,7 @@ class Checkpoint(ModelCheckpoint):
             def on_sigint(signum, frame):
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
                 rank_zero_info(
-                    "\nCtrl-C: stopping after this step and saving last.ckpt (Ctrl-C again to abort)"
+                    "\ncharlm: stopping after this step and saving last.ckpt (Ctrl-C again to abort)"
                 )
                 sigterm(signum, frame)
 
@@ -156,7 +159,7 @@ class Checkpoint(ModelCheckpoint):
             if trainer.validating:
                 _as_if_validation_not_begun(trainer.fit_loop.epoch_loop.val_loop.batch_progress)
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(f"Stopped by a signal at step {trainer.global_step}; saved {self.last_model_path}")
+            SAVED_ON_SIGNAL.append((trainer.global_step, self.last_model_path))  # cli.main says so, once
         else:  # a crash or a non-finite loss: never overwrite good checkpoints with its state
             super().on_exception(trainer, pl_module, exception)
 

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_charlm.__main__ import SUBCOMMANDS
 from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, TokensPerSecond
-from lightning_charlm.checkpointing import Checkpoint
+from lightning_charlm.checkpointing import SAVED_ON_SIGNAL, Checkpoint
 from lightning_charlm.data import DEFAULT_SPLIT, CharDataModule, check_unit, window_length
 from lightning_charlm.errors import CharLMError, user_error
 from lightning_charlm.module import GPTLM, CharLM, legacy_options
@@ -502,6 +502,7 @@ def _quiet() -> None:
 
 def main(args: list[str] | None = None) -> None:
     _quiet()
+    SAVED_ON_SIGNAL.clear()
     try:
         cli(args)
     except Exception as err:
@@ -512,10 +513,14 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
     except SIGTERMException:
         predicting = "predict" in (sys.argv[1:] if args is None else args)
+        step, path = SAVED_ON_SIGNAL[-1] if SAVED_ON_SIGNAL else (None, None)
         print(
-            f"charlm: stopped by a signal{'' if predicting else '; continue with --ckpt_path last'}",
+            f"charlm: stopped by a signal{f' at step {step}' if path else ''}"
+            f"{'' if predicting else '; continue with --ckpt_path last'}",
             file=sys.stderr,
         )
+        if path:  # a line of its own: a long path would break the line above mid-word in a terminal
+            print(f"charlm: saved {path}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C: a checkpoint being written is still finished on exit
         print("charlm: interrupted", file=sys.stderr)

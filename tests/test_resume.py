@@ -124,7 +124,9 @@ def test_signal_saves_last_and_resumes_exactly(sig, tmp_path, module_corpus, ref
     assert proc.returncode == 1 and "--ckpt_path last" in err and "Traceback" not in err
     stopped_at = last(tmp_path)["global_step"]
     assert 0 < stopped_at < 40
-    assert f"Stopped by a signal at step {stopped_at}; saved" in out + err
+    assert f"charlm: stopped by a signal at step {stopped_at}; continue with --ckpt_path last\n" in err
+    assert "charlm: saved logs/charlm/version_0/checkpoints/last.ckpt" in err
+    assert err.count("stopped by a signal") == 1
     resumed = charlm_main("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_params(last(tmp_path), reference)
@@ -187,7 +189,7 @@ def test_a_signal_during_validation_runs_that_round_again_on_resume(tmp_path, mo
         folder.mkdir()
         res = charlm_main("fit", *args, *extra, cwd=folder)
         assert res.returncode == (1 if extra else 0), res.stderr
-    assert last(cut)["global_step"] == 30 and "stopped by a signal" in res.stderr
+    assert last(cut)["global_step"] == 30 and "stopped by a signal at step 30;" in res.stderr
     res = charlm_main("fit", *args, "--ckpt_path", "last", cwd=cut)
     assert res.returncode == 0, res.stderr
     curves = [scalars(folder / "logs/charlm/version_0").Scalars("val/loss") for folder in (whole, cut)]
