@@ -26,12 +26,12 @@ from lightning_charlm.tokenizer import ByteTokenizer
 class TokensPerSecond(L.Callback):
     """Training throughput, all ranks together, as `train/tokens_per_s` in the progress bar and TensorBoard.
 
-    Written to TensorBoard over windows of `every_n_steps` steps, with one device sync per window on a GPU;
-    Lightning's ThroughputMonitor syncs at every step, which costs GPU time. The first window includes
-    warm-up. The bar reads `rate` from here: a value logged with prog_bar=True becomes a device tensor that
-    Lightning turns back into a number (.item(), a sync) at the end of every step (on an H100: 0.87x of a
-    plain loop). Where the host's clock is the device's (CPU, and MPS), `rate` is renewed every
-    BAR_EVERY steps, so a slow CPU run shows one within seconds; on CUDA, at the sync of each window.
+    Written to TensorBoard over windows of `every_n_steps` steps (and the last step's), with one device
+    sync per window on a GPU; Lightning's ThroughputMonitor syncs at every step, which costs GPU time. The
+    first window includes warm-up. The bar reads `rate` from here: a value logged with prog_bar=True becomes
+    a device tensor that Lightning turns back into a number (.item(), a sync) at the end of every step (on
+    an H100: 0.87x of a plain loop). Where the host's clock is the device's (CPU, and MPS), `rate` is renewed
+    every BAR_EVERY steps, so a slow CPU run shows one within seconds; on CUDA, at the sync of each window.
     """
 
     BAR_EVERY = 5
@@ -49,7 +49,8 @@ class TokensPerSecond(L.Callback):
         tokens = batch[0].numel() * trainer.world_size
         self._tokens, self._bar_tokens = self._tokens + tokens, self._bar_tokens + tokens
         step, cuda = trainer.global_step, pl_module.device.type == "cuda"
-        window_end = step % self.every_n_steps == 0
+        # ... and the last step's (partial) window, so a run shorter than one window logs its rate too.
+        window_end = step % self.every_n_steps == 0 or 0 < trainer.max_steps <= step
         if step == self._last_step or not (
             window_end or self._t0 is None or (not cuda and step % self.BAR_EVERY == 0)
         ):
