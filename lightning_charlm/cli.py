@@ -56,7 +56,8 @@ class CharLMParser(LightningArgumentParser):
     def format_help(self) -> str:
         # UNLISTED options are hidden from --help only: an action's help set to SUPPRESS would also drop
         # its value from --print_config and the run's config.yaml.
-        hidden = [a for a in self._actions if a.dest in UNLISTED and a.help is not argparse.SUPPRESS]
+        unlisted = getattr(self, "unlisted", UNLISTED)
+        hidden = [a for a in self._actions if a.dest in unlisted and a.help is not argparse.SUPPRESS]
         shown = [a.help for a in hidden]
         for action in hidden:
             action.help = argparse.SUPPRESS
@@ -135,6 +136,11 @@ def _expected(lines: list[str]) -> str | None:
 
 
 PREDICT_ONLY = ("data.prompts", "data.prompts_file", "data.num_samples")
+TRAINING_ONLY = (
+    "max_steps", "min_steps", "max_time", "val_check_interval", "log_every_n_steps",
+    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "num_sanity_val_steps",
+    "detect_anomaly", "fast_dev_run",
+)  # fmt: skip
 # Accepted (a config may hold them) but not listed by --help: ModelCheckpoint's, which charlm sets so that
 # a run keeps best.ckpt and last.ckpt, and the Trainer's that have no use here (training counts steps in one
 # endless epoch; the datamodule shards the data itself; RunSummary replaces the model summary).
@@ -245,6 +251,17 @@ class CharLMCLI(LightningCLI):
         for group in parser._action_groups:  # the Trainer method's own group: its docstring is cut short
             if any(action.dest == "ckpt_path" for action in group._group_actions):
                 group.title, group.description = f"charlm {subcommand}", None
+            if group.title and group.title.startswith("Customize every aspect of training"):
+                group.title = "Lightning's Trainer: the devices, precision, logger and loop"
+            if subcommand != "fit" and group.title and group.title.startswith("The model to train"):
+                group.title = "The model: the checkpoint's (--ckpt_path), as it was trained"
+        if subcommand != "fit":  # what only training reads: accepted (a config may hold it), not listed
+            parser.unlisted = {
+                action.dest
+                for action in parser._actions
+                if action.dest.split(".")[0] in ("checkpoint", "early_stopping", "sample")
+                or action.dest in (*UNLISTED, *(f"trainer.{name}" for name in TRAINING_ONLY))
+            }
         return parser
 
     def _parse_ckpt_path(self) -> None:

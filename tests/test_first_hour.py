@@ -182,9 +182,21 @@ def test_help_is_quick_and_says_what_the_options_mean(tmp_path):
     printed = charlm_main("fit", "--trainer.max_epochs", "3", "--print_config", cwd=tmp_path).stdout
     assert "max_epochs: 3" in printed and "filename: best" in printed
     assert "Shared by both" not in charlm_main("fit", "--model.help", "GPTLM", cwd=tmp_path).stdout
-    for name in ("predict", "test"):  # no header of Lightning's cut mid-sentence ("... Useful to:")
+    for name in ("test", "predict"):  # no header of Lightning's cut mid-sentence ("... Useful to:")
         sub_help = charlm_main(name, "--help", cwd=tmp_path).stdout
         assert f"\ncharlm {name}:\n  --ckpt_path" in sub_help and not re.search(r"(to|your):\n", sub_help)
+        # what only training reads is not listed where nothing trains
+        assert (
+            "--checkpoint." not in sub_help
+            and "--sample." not in sub_help
+            and "--trainer.max_steps" not in sub_help
+        )
+        assert "The model to train" not in sub_help and len(sub_help.splitlines()) < 450
+    assert (
+        "--generate.temperature" in sub_help
+        and "--data.prompts " in sub_help
+        and "--writer.format" in sub_help
+    )
 
 
 def test_predict_jsonl_and_a_fresh_seed_said_aloud(tmp_path, corpus, caplog):
