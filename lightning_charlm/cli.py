@@ -90,6 +90,8 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
     )
     if unknown or inner:
         option = unknown.group(1).split("=")[0] if unknown else f"{key}.{inner.group(1)}"
+        if option == "-":
+            return "unknown argument -: to read prompts from standard input, pass --data.prompts_file -"
         known = [s for action in parser._actions for s in action.option_strings]
         known += [f"--model.{k}" for k in inspect.signature(GPTLM).parameters]  # the default model's
         if option in known:  # another model's option (--model.n_layer for the bigram)

@@ -185,6 +185,7 @@ CASES = {
         [*PRED, "--data.prompts_file", "latin1-prompts.txt"],
         r"not UTF-8 text: byte 0xe9",
     ),
+    "stdin as a bare -": ([*PRED, "-"], r"to read prompts from standard input, pass --data\.prompts_file -$"),
     "prompts file empty": ([*PRED, "--data.prompts_file", "no-prompts.txt"], r"no-prompts\.txt is empty"),
     "prompts file is a directory": (
         [*PRED, "--data.prompts_file", "logs"],

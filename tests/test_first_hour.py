@@ -122,21 +122,6 @@ def test_the_console_a_run_summary_and_the_hparams_tab(tmp_path, corpus, caplog)
         assert noise not in caplog.text + res.stdout + res.stderr
 
 
-def test_on_a_terminal_the_bar_ends_before_the_closing_line(tmp_path, corpus):
-    """In an 80-column terminal the bar's final state is drawn before the run's closing line, not below it,
-    and the opening line is broken between words."""
-    cmd = [CHARLM, "fit", *MODEL_ONLY, *QUICK, "--data.path", str(corpus), "--trainer.max_steps", "12"]
-    cmd += ["--trainer.enable_progress_bar", "true"]
-    out = "".join(on_a_terminal(cmd, tmp_path, env=os.environ | {"COLUMNS": "80", "LINES": "24"}))
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out).replace("\r", "\n")
-    closing = text.index("charlm: best val/loss")
-    assert text.rindex("12/12") < closing  # the full bar, then the closing line; no bar after it
-    assert "steps" not in text[closing:]
-    opening = text[: text.index(" -> logs/charlm/version_0")].split("charlm: ")[-1]
-    assert all(len(line) <= 80 for line in opening.splitlines())
-    assert re.search(r"\(32-true\); *\n+corpus\.txt,", opening)  # broken at a space, not inside a word
-
-
 def test_last_picks_a_run_of_the_same_corpus_and_a_checkpoint_knows_its_corpus(tmp_path):
     (tmp_path / "a").mkdir()
     a, b = make_corpus(tmp_path / "a"), tmp_path / "b.txt"
@@ -278,12 +263,22 @@ def test_the_python_api_stdin_and_one_settings_type(tmp_path, corpus, monkeypatc
     assert not lm.training and str(next(lm.parameters()).device) == "cpu"
 
 
-def test_one_prompt_streams_to_a_terminal(tmp_path, corpus):
-    """On a terminal (a pseudo-terminal here) one prompt's text arrives in many pieces as it is generated,
-    without a progress bar breaking it up, and equals the API's text for the seed."""
+def test_on_a_terminal_the_bar_then_the_closing_line_and_one_prompt_streams(tmp_path, corpus):
+    """On a terminal (a pseudo-terminal here, 80 columns): fit draws the bar's final state before the run's
+    closing line, not below it, and breaks the opening line between words; then one prompt's text arrives in
+    many pieces as it is generated, without a progress bar breaking it up, and equals the API's text."""
     import lightning_charlm
 
-    fit(tmp_path, "--data.path", str(corpus), "--trainer.max_steps", "10")
+    cmd = [CHARLM, "fit", *MODEL_ONLY, *QUICK, "--data.path", str(corpus), "--trainer.max_steps", "12"]
+    cmd += ["--trainer.enable_progress_bar", "true"]
+    out = "".join(on_a_terminal(cmd, tmp_path, env=os.environ | {"COLUMNS": "80", "LINES": "24"}))
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out).replace("\r", "\n")
+    closing = text.index("charlm: best val/loss")
+    assert text.rindex("12/12") < closing  # the full bar, then the closing line; no bar after it
+    assert "steps" not in text[closing:]
+    opening = text[: text.index(" -> logs/charlm/version_0")].split("charlm: ")[-1]
+    assert all(len(line) <= 80 for line in opening.splitlines())
+    assert re.search(r"\(32-true\); *\n+corpus\.txt,", opening)  # broken at a space, not inside a word
     best = str(tmp_path / "logs/charlm/version_0/checkpoints/best.ckpt")
     settings = ["--generate.max_new_tokens", "300", "--generate.seed", "5"]
     cmd = [CHARLM, "predict", "--ckpt_path", best, "--data.prompts", '["The king"]', *settings]
