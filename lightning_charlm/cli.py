@@ -25,7 +25,7 @@ from lightning_charlm.__main__ import SUBCOMMANDS
 from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, TokensPerSecond
 from lightning_charlm.checkpointing import SAVED_ON_SIGNAL, Checkpoint
 from lightning_charlm.data import DEFAULT_SPLIT, CharDataModule, check_unit, window_length
-from lightning_charlm.errors import CharLMError, user_error
+from lightning_charlm.errors import CharLMError, expected_in_words, user_error
 from lightning_charlm.module import GPTLM, CharLM, legacy_options
 from lightning_charlm.runs import (
     RUNTIME_OPTIONS,
@@ -103,38 +103,10 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
     missing = re.search(r"File does not exist: '(.+)'", message)
     if key == "--config" and missing:
         return f"config file not found: {missing.group(1)}"
-    reason = _expected(lines) or next((line for line in lines if line.startswith("Expected")), lines[-1])
+    reason = expected_in_words(lines) or next(
+        (line for line in lines if line.startswith("Expected")), lines[-1]
+    )
     return f"{key}: {reason}{LIST_HINTS.get(key, '')}" if key else lines[0]
-
-
-TYPE_WORDS = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "str": "text",
-    "list": "a list",
-}
-
-
-def _expected(lines: list[str]) -> str | None:
-    """jsonargparse's "Expected a <class 'int'>. Got value: ten" (or a Union's list of them) in words:
-    "expected an integer, got ten"; choices named: "expected one of char, byte, got bytes"."""
-    wanted, value = [], None
-    for line in lines:
-        match = re.match(r"Expected a (.+?)(?:\. Got value: (.*))?$", line.lstrip("- "))
-        if match:
-            kind = match.group(1)
-            choices, cls = re.match(r"typing\.Literal\[(.*)\]$", kind), re.match(r"<class '(\w+)'>$", kind)
-            word = f"one of {choices.group(1).replace(chr(39), '')}" if choices else kind
-            word = TYPE_WORDS.get(cls.group(1), cls.group(1)) if cls else word
-            if "NoneType" not in kind and word not in wanted:
-                wanted.append(word)
-            value = match.group(2) if value is None else value  # the innermost, found first
-        elif line.startswith("Given value:") and value is None:
-            value = line.split(":", 1)[1].strip()
-    if not wanted:
-        return None
-    return f"expected {' or '.join(wanted)}" + (f", got {value}" if value is not None else "")
 
 
 PREDICT_ONLY = ("data.prompts", "data.prompts_file", "data.num_samples")
