@@ -37,6 +37,7 @@ from lightning_charlm.runs import (
     model_named,
     newest_last_checkpoint,
     resume_conflicts,
+    same_corpus,
     unheld_test_text,
 )
 from lightning_charlm.sampling import GenerationConfig
@@ -265,8 +266,9 @@ class CharLMCLI(LightningCLI):
             if cfg.data.get(key) is None:
                 cfg.data[key] = trained.get(key)
         trained_split = list(trained.get("split") or DEFAULT_SPLIT)  # None: the default, no test part
-        seen = unheld_test_text(trained_split, cfg.data.split) if trained else None
-        if self.config.subcommand == "test" and seen and cfg.data.path == corpus_of(ckpt):
+        testing = self.config.subcommand == "test" and trained and same_corpus(cfg.data.path, corpus_of(ckpt))
+        seen = unheld_test_text(trained_split, cfg.data.split) if testing else None
+        if seen:
             log.warning(
                 "charlm: warning: the test part (the last %g%% of the corpus, --data.split %s) is text this "
                 "model was %s (it trained with --data.split %s): its test loss is not a held-out figure",

@@ -127,7 +127,7 @@ def corpus_of(ckpt: dict[str, Any]) -> str | None:
     return (ckpt.get("datamodule_hyper_parameters") or {}).get("path")
 
 
-def _same_corpus(a: str | None, b: str | None) -> bool:
+def same_corpus(a: str | None, b: str | None) -> bool:
     """By file name: a run folder copied or moved with its corpus still matches; a wrong file of the same
     name is caught by the vocabulary check."""
     return a == b or (a is not None and b is not None and Path(a).name == Path(b).name)
@@ -163,7 +163,7 @@ def newest_last_checkpoint(logger, corpus: str | None, fitting: bool = True) -> 
             held = corpus_of(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         except Exception:  # unreadable: check_checkpoint names the problem once it is chosen
             held = corpus
-        if _same_corpus(held, corpus):
+        if same_corpus(held, corpus):
             return path
         others.append(f"{path.parent.parent.name} on {held or 'tiny Shakespeare'}")
     raise CharLMError(
