@@ -74,18 +74,18 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def pick(logits: torch.Tensor, noise: torch.Tensor, temperature: float, top_k, top_p):
+def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float, top_k, top_p):
     """The next token of every row of logits (B, V), as (B, 1): argmax at temperature 0, else a sample of
     the filtered softmax by the exponential race, argmax(probs / noise) with noise (B, V) ~ Exp(1): the law
     of torch.multinomial, but with the noise drawn ahead, so a whole decode step (net and sampling) is one
-    CUDA graph. A row with nan/inf logits (a diverged model) is sampled from zeros instead: sampling those
-    fails (on CUDA with a device assert that ends the process). Also returns whether all rows were finite."""
-    ok = logits.isfinite().all(-1, keepdim=True)
-    logits = torch.where(ok, logits.float(), 0.0)
+    CUDA graph. Also returns the logits' sum, finite only where every logit is: the caller adds these up and
+    checks once at the end (no sync per token). A diverged model's nan logits still give a token here
+    (argmax picks a nan), never a device assert, as torch.multinomial's would on CUDA."""
+    logits = logits.float()
     if temperature == 0:
-        return logits.argmax(-1, keepdim=True), ok.all()
+        return logits.argmax(-1, keepdim=True), logits.sum()
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return (probs / noise).argmax(-1, keepdim=True), ok.all()
+    return (probs / noise).argmax(-1, keepdim=True), logits.sum()
 
 
 def sample_step(model, token, pos, cache, length, noise, temperature, top_k, top_p):
@@ -98,6 +98,7 @@ def sample_step(model, token, pos, cache, length, noise, temperature, top_k, top
 # dynamic=False: one static graph per batch size; a dynamic one would be re-recorded for every new shape.
 COMPILE = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
 STOP_CHECK_EVERY = 8  # tokens between checks of the stop string: each check waits for the device
+NOISE_ROUNDS = 64  # tokens whose sampling noise is drawn at once: one op per token instead of three
 
 
 @torch.no_grad()
@@ -135,9 +136,10 @@ def decode(
     keep = max(1, block - block // 4)
     start, fed = max(0, idx.size(1) - block), 0  # window start; positions cached since the last prefill
     stop = torch.tensor(stop_ids or [], device=idx.device)
-    prompt_len = idx.size(1)
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    finite = torch.ones((), dtype=torch.bool, device=idx.device)  # checked once at the end: no sync per token
+    prompt_len, rows = idx.size(1), idx.size(0)
+    done = torch.zeros(rows, dtype=torch.bool, device=idx.device)
+    total = torch.zeros((), device=idx.device)  # the logits' sum: checked once at the end, no sync per token
+    noise = None  # not drawn for greedy decoding
     for step in range(max_new_tokens):
         if interrupted is not None and interrupted():  # a signal: stop here and keep what is generated
             break
@@ -147,13 +149,15 @@ def decode(
             start, fed = idx.size(1) - keep, 0
             if cache is not None:  # refilled in the same buffers: a CUDA graph keeps their addresses
                 cache.pos = 0
-        # Exp(1) noise, clamped above 0: a drawn 0 would make probs / noise nan, and argmax picks nan.
-        noise = torch.empty(idx.size(0), vocab, device=idx.device).exponential_(generator=generator)
-        noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+        if temperature > 0:
+            if step % NOISE_ROUNDS == 0:  # Exp(1), clamped above 0: a 0 would make probs / noise nan
+                draws = torch.empty(NOISE_ROUNDS, rows, vocab, device=idx.device)
+                draws.exponential_(generator=generator).clamp_min_(torch.finfo(draws.dtype).tiny)
+            noise = draws[step % NOISE_ROUNDS]
         window = idx[:, start:]
         if cache is None or fed == 0:  # no cache, or a prefill of the whole window
             logits = model(window, cache=cache)[:, -1] if cache is not None else model(window)[:, -1]
-            token, ok = pick(logits, noise, temperature, top_k, top_p)
+            token, checksum = pick(logits, noise, temperature, top_k, top_p)
             if cache is not None:
                 fed = window.size(1)
                 pos = torch.full((1,), fed, device=idx.device)
@@ -164,18 +168,18 @@ def decode(
             # `token` (B, 1), the newest, sampled last round: not a view of idx, whose stride grows each
             # round (a new stride would make the compiled step recompile, and CUDA graphs re-record).
             length = None if compile else min(fed + 1, block)
-            token, ok = step_fn(model, token, pos, cache, length, noise, temperature, top_k, top_p)
-            # The step's outputs live in the CUDA graph's memory, rewritten by its next replay: keep a copy.
-            token = token.clone()
+            token, checksum = step_fn(model, token, pos, cache, length, noise, temperature, top_k, top_p)
+            if compile:  # the outputs live in the CUDA graph's memory, rewritten by its next replay
+                token, checksum = token.clone(), checksum.clone()
             pos, fed = pos + 1, fed + 1  # a new tensor: a CUDA graph may still hold the old one
-        finite &= ok
+        total += checksum
         idx = torch.cat([idx, token], dim=1)
         yield token
         if len(stop) and idx.size(1) - prompt_len >= len(stop):  # the stop string within the continuation
             done |= (idx[:, -len(stop) :] == stop).all(-1)
             if step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and done.all():
                 break
-    if not finite:
+    if not total.isfinite():
         raise CharLMError(
             "the model's outputs are not finite (nan or inf): it diverged, it cannot be sampled"
         )

@@ -8,28 +8,30 @@ import torch
 
 
 class KVCache:
-    """`pos` is how many positions a multi-token forward (a prefill, from an empty cache) has filled."""
+    """`kv` (n_layer, B, 2, H, block_size, hd): keys at [:, :, 0], values at [:, :, 1], side by side so a
+    decode step writes both with one op. `pos` is how many positions a multi-token forward (a prefill, from
+    an empty cache) has filled."""
 
     def __init__(self, n_layer: int, block_size: int):
         self.n_layer, self.block_size = n_layer, block_size
-        self.k = self.v = None
+        self.kv = None
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, hd) at the current position; return everything cached so far."""
-        if self.k is None:  # allocated on first use, in the dtype autocast gives k (bf16 under bf16-mixed)
-            shape = (self.n_layer, *k.shape[:2], self.block_size, k.size(3))
-            self.k = k.new_zeros(shape)
-            self.v = v.new_zeros(shape)
-            for t in (self.k, self.v):  # fixed addresses: CUDA graphs may update them in place
-                torch._dynamo.mark_static_address(t)
+        if self.kv is None:  # allocated on first use, in the dtype autocast gives k (bf16 under bf16-mixed)
+            B, H, _, hd = k.shape
+            self.kv = k.new_zeros((self.n_layer, B, 2, H, self.block_size, hd))
+            torch._dynamo.mark_static_address(self.kv)  # fixed address: CUDA graphs update it in place
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        kv = self.kv[layer]
+        kv[:, 0, :, self.pos : end] = k
+        kv[:, 1, :, self.pos : end] = v
+        return kv[:, 0, :, :end], kv[:, 1, :, :end]
 
-    def write(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store one position's k, v (B, H, 1, hd) in `slot` (a 1-element tensor); return all block_size."""
-        self.k[layer].index_copy_(2, slot, k)
-        self.v[layer].index_copy_(2, slot, v)
-        return self.k[layer], self.v[layer]
+    def write(self, layer: int, slot: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position's keys and values, kv (B, 2, H, 1, hd), in `slot` (a 1-element tensor); return
+        the layer's keys and values, each (B, H, block_size, hd)."""
+        cached = self.kv[layer]
+        cached.index_copy_(3, slot, kv)
+        return cached[:, 0], cached[:, 1]

@@ -45,9 +45,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else None
 
-    def forward(
-        self, x, cache: KVCache | None = None, layer: int = 0, step: tuple | None = None, rope=None, band=None
-    ):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None, band=None):
         B, T, C = x.shape
         q, k, v = (
             self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
@@ -56,15 +54,8 @@ class CausalSelfAttention(nn.Module):
             q, k = same_dtype_norm(self.q_norm, q), same_dtype_norm(self.k_norm, k)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        if step is not None:  # one decode step: attend to the cached positions up to this one
-            slot, mask, length = step
-            k, v = cache.write(layer, slot, k, v)
-            if length is not None:  # eager: read only the filled part (the masked rest is memory traffic)
-                k, v = k[:, :, :length], v[:, :, :length]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         # Causal masking is needed when queries and keys start together (training, or a prefill from an
-        # empty cache); a single decode step may attend to every cached position.
+        # empty cache).
         causal = cache is None or cache.pos == 0
         if cache is not None:
             if T > 1 and cache.pos:
@@ -76,6 +67,27 @@ class CausalSelfAttention(nn.Module):
         )  # fmt: skip
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
+    def decode(self, h: torch.Tensor, cache: KVCache, layer: int, step: tuple, rope=None) -> torch.Tensor:
+        """Attention of one new position per row, h (B, C) after the norm, to every cached position up to it
+        (GPT.decode_step): the heads' outputs (B, C), before the projection."""
+        B, C = h.shape
+        slot, mask, length = step
+        # qkv.weight @ h.T: the GEMM form that reads the weight once for all rows (GPT.decode_step), then
+        # rows again for attention (a copy of B x 3C numbers; none at batch 1).
+        qkv = torch.mm(self.qkv.weight, h.t()).t().contiguous().view(B, 3, self.n_head, 1, C // self.n_head)
+        q, kv = qkv[:, 0], qkv[:, 1:]  # (B, H, 1, hd), keys and values (B, 2, H, 1, hd)
+        if self.q_norm is not None or rope is not None:
+            k = qkv[:, 1]
+            if self.q_norm is not None:
+                q, k = same_dtype_norm(self.q_norm, q), same_dtype_norm(self.k_norm, k)
+            if rope is not None:
+                q, k = rotate(q, *rope), rotate(k, *rope)
+            kv = torch.stack([k, qkv[:, 2]], 1)
+        k, v = cache.write(layer, slot, kv)
+        if length is not None:  # eager: read only the filled part (the masked rest is memory traffic)
+            k, v = k[:, :, :length], v[:, :, :length]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, C)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -83,11 +95,24 @@ class Block(nn.Module):
         self.ln1, self.attn = norm(cfg.norm, cfg.n_embd), CausalSelfAttention(cfg)
         self.ln2, self.mlp = norm(cfg.norm, cfg.n_embd), MLP(cfg.mlp, cfg.n_embd, cfg.dropout)
 
-    def forward(
-        self, x, cache: KVCache | None = None, layer: int = 0, step: tuple | None = None, rope=None, band=None
-    ):
-        x = x + self.attn(self.ln1(x), cache, layer, step, rope, band)
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None, band=None):
+        x = x + self.attn(self.ln1(x), cache, layer, rope, band)
         return x + self.mlp(self.ln2(x))
+
+    def decode(self, xt: torch.Tensor, cache: KVCache, layer: int, step: tuple, rope=None) -> torch.Tensor:
+        """forward of one new position per row, the residual stream transposed: xt (C, B); GPT.decode_step."""
+        y = self.attn.decode(self.ln1(xt.t()), cache, layer, step, rope)
+        xt = add_product(xt, self.attn.proj.weight, y.t())
+        h = torch.mm(self.mlp.fc.weight, self.ln2(xt.t()).t())
+        return add_product(xt, self.mlp.proj.weight, self.mlp.act(h, dim=0))
+
+
+def add_product(x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + weight @ h as one addmm (a decode step's ops are its cost); under autocast the product comes out
+    in bf16 and the residual stream stays in float32, as in forward."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x + torch.mm(weight, h)
+    return torch.addmm(x, weight, h)
 
 
 class GPT(nn.Module):
@@ -147,8 +172,9 @@ class GPT(nn.Module):
     def shift_cache(self, cache: KVCache) -> None:
         """Rotate every cached key back by block_size positions (in place: the addresses stay fixed), so the
         decode positions go on from pos - block_size (Rotary)."""
-        cos, sin = self.rotary(torch.tensor(self.cfg.block_size, device=cache.k.device))
-        cache.k.copy_(rotate(cache.k, cos, -sin))
+        keys = cache.kv[:, :, 0]
+        cos, sin = self.rotary(torch.tensor(self.cfg.block_size, device=keys.device))
+        keys.copy_(rotate(keys, cos, -sin))
 
     def compile_blocks(self) -> None:
         """torch.compile each block in place for training (state_dict keys unchanged). The blocks share one
@@ -164,17 +190,24 @@ class GPT(nn.Module):
         device, < 2 * block_size; slot pos % block_size), with the cache holding the positions before it.
         Without `length` every shape is the same at every position and nothing waits for the host, so the
         step can be compiled (fullgraph) and captured as a CUDA graph; eager callers pass the number of
-        filled slots (at most block_size) to attend to those only."""
-        x, rope = self.wte(token), None  # (B, 1, C)
+        filled slots (at most block_size) to attend to those only.
+
+        A step of this small net is bound by reading the weights and by the cost of each op, not by
+        arithmetic: on a CPU every op after a weight's GEMM starts from caches the weights have flushed, so
+        the step is written with as few ops as it can (Block.decode). The residual stream runs transposed,
+        (C, B), as weight @ activations: on the 2-core test machine that GEMM is ~30% faster at batch 16
+        than activations @ weight.T (the same at batch 1)."""
+        x, rope = self.wte(token[:, 0]), None  # (B, C)
         if self.rotary is None:
             x = x + self.wpe(pos)
         else:
             rope = self.rotary(pos)
         block = self.cfg.block_size
         mask = None if length else (torch.arange(block, device=pos.device) <= pos)[None]
+        step, xt = (pos % block, mask, length), x.t()
         for i, b in enumerate(self.blocks):
-            x = b.forward(x, cache, i, (pos % block, mask, length), rope)
-        return self.head(self.ln_f(x))[:, -1]
+            xt = b.decode(xt, cache, i, step, rope)
+        return self.head(self.ln_f(xt.t()))
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V). Longer than block_size (rotary, no cache): attention over a sliding window of
@@ -199,12 +232,12 @@ class GPT(nn.Module):
                 # Evaluation and decoding call the eager forward even when the block is compiled: they run
                 # rarely, in other shapes (and the cache position changes at every token), so compiling
                 # them would cost more start-up time than it saves.
-                x = block.forward(x, cache, i, None, rope, band)
+                x = block.forward(x, cache, i, rope, band)
             elif self.cfg.checkpointing:
                 # The RNG state is replayed when recomputing, so dropout masks and gradients are unchanged.
-                x = checkpoint(block, x, None, 0, None, rope, use_reentrant=False)
+                x = checkpoint(block, x, None, 0, rope, use_reentrant=False)
             else:
-                x = block(x, None, 0, None, rope)
+                x = block(x, None, 0, rope)
         if cache is not None:
             cache.pos += T
         return self.head(self.ln_f(x))  # (B, T, V)

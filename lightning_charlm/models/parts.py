@@ -36,15 +36,16 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+    def act(self, h: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The nonlinearity on fc's output h, its features along `dim` (0 in the transposed decode step)."""
         if self.kind == "gelu":
-            h = F.gelu(h)
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        return self.drop(self.proj(h))
+            return F.gelu(h)
+        if self.kind == "relu2":
+            return F.relu(h).square()
+        gate, up = h.chunk(2, dim=dim)
+        return F.silu(gate) * up
 
 
 class Rotary(nn.Module):
