@@ -5,9 +5,12 @@ elsewhere), from a 1-token prompt, after a warm-up pass of every setting:
 - tokens/s with the KV cache and without it (on a CPU the uncached row only at batch 1: minutes beyond),
 - the median time of one decode step (what a reader of streamed text waits per character), and
 - the floor: a bare chain of the net's weight matrix-vector products per token (every Linear once, batch 1),
-  the rate at which this device can stream the weights; the cached batch-1 rate is compared with it.
+  the rate at which this device can stream the weights; the cached batch-1 rate is compared with it,
+- with --compile, the cached rows again with the compiled decode step (--generate.compile true; its compile
+  time is in the warm-up pass, not in the rate).
 
     python benchmarks/generate.py [--device cuda] [--batches 1 16 256] [--new-tokens 500] [--repeats 1]
+                                  [--compile]
 
 Without --device: every device present, the fastest first (CUDA, MPS, then the CPU).
 """
@@ -31,10 +34,11 @@ def sync(device: str) -> None:
         torch.mps.synchronize()
 
 
-def run(model, batch: int, new_tokens: int, use_cache: bool, device: str) -> tuple[float, float]:
-    """(tokens/s over the whole run, median seconds per decode step)."""
+def run(model, batch: int, new_tokens: int, mode: str, device: str) -> tuple[float, float]:
+    """(tokens/s over the whole run, median seconds per decode step); mode: plain, cache or compiled."""
     prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    steps, stamps = decode(model, prompt, new_tokens, temperature=1.0, use_cache=use_cache), []
+    kw = {"use_cache": mode != "plain", "compile": mode == "compiled"}
+    steps, stamps = decode(model, prompt, new_tokens, temperature=1.0, **kw), []
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):  # as predict runs
         sync(device)
         start = time.perf_counter()
@@ -71,35 +75,45 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
     ap.add_argument("--new-tokens", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=1, help="timed passes per setting; the best is kept")
+    ap.add_argument("--compile", action="store_true", help="also the compiled decode step, cached rows")
     args = ap.parse_args()
     print(describe())
     present = ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available() + ["cpu"]
     header = ("device", "batch", "no cache tok/s", "KV cache tok/s", "speed-up", "ms/step (median)")
-    print("{:>6} {:>5} {:>15} {:>15} {:>9} {:>17}".format(*header))
+    header += ("compiled tok/s", "ms/step (median)") if args.compile else ()
+    print(("{:>6} {:>5} {:>15} {:>15} {:>9} {:>17}" + " {:>15} {:>17}" * args.compile).format(*header))
     for device in [args.device] if args.device else present:
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0))
         model = model.to(device).eval()
-        settings = [(b, c) for b in args.batches for c in (False, True) if c or device != "cpu" or b == 1]
-        for b, c in settings:  # warm-up: every shape the timed passes will see (past a window slide)
-            run(model, b, min(args.new_tokens, 300), c, device)
+        modes = ["plain", "cache"] + ["compiled"] * args.compile
+        settings = [(b, m) for b in args.batches for m in modes if m != "plain" or device != "cpu" or b == 1]
+        for b, m in settings:  # warm-up: every shape the timed passes will see (past a window slide)
+            start = time.perf_counter()
+            run(model, b, min(args.new_tokens, 300), m, device)
+            if m == "compiled":
+                print(f"{device:>6} batch {b}: compiled and warmed up in {time.perf_counter() - start:.0f} s")
         rates = {}
-        for b, c in settings:
-            rates[b, c] = max(
-                (run(model, b, args.new_tokens, c, device) for _ in range(args.repeats)), key=lambda r: r[0]
+        for b, m in settings:
+            rates[b, m] = max(
+                (run(model, b, args.new_tokens, m, device) for _ in range(args.repeats)), key=lambda r: r[0]
             )
         for b in args.batches:
-            cached, step = rates[b, True]
-            plain = f"{rates[b, False][0]:>15.0f}" if (b, False) in rates else f"{'-':>15}"
-            gain = f"{cached / rates[b, False][0]:>8.1f}x" if (b, False) in rates else f"{'-':>9}"
-            print(f"{device:>6} {b:>5} {plain} {cached:>15.0f} {gain} {step * 1e3:>17.2f}")
+            cached, step = rates[b, "cache"]
+            plain = f"{rates[b, 'plain'][0]:>15.0f}" if (b, "plain") in rates else f"{'-':>15}"
+            gain = f"{cached / rates[b, 'plain'][0]:>8.1f}x" if (b, "plain") in rates else f"{'-':>9}"
+            compiled = ""
+            if args.compile:
+                compiled = f" {rates[b, 'compiled'][0]:>15.0f} {rates[b, 'compiled'][1] * 1e3:>17.2f}"
+            print(f"{device:>6} {b:>5} {plain} {cached:>15.0f} {gain} {step * 1e3:>17.2f}{compiled}")
         floor = min(gemv_floor(model, device) for _ in range(args.repeats))  # best of as many as the rates
         line = f"{device:>6} floor: weight GEMV chain {floor * 1e3:.2f} ms/token = {1 / floor:.0f} tok/s"
-        if (1, True) in rates:
-            line += f"; the KV cache at batch 1 reaches {rates[1, True][0] * floor:.2f}x of it"
+        if (1, "cache") in rates:
+            line += f"; the KV cache at batch 1 reaches {rates[1, 'cache'][0] * floor:.2f}x of it"
         print(line)
-        if (1, True) in rates and (16, True) in rates:
-            print(f"{device:>6} batch 16 / batch 1, cached: {rates[16, True][0] / rates[1, True][0]:.1f}x")
+        if (1, "cache") in rates and (16, "cache") in rates:
+            ratio = rates[16, "cache"][0] / rates[1, "cache"][0]
+            print(f"{device:>6} batch 16 / batch 1, cached: {ratio:.1f}x")
 
 
 if __name__ == "__main__":

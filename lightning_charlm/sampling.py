@@ -169,8 +169,8 @@ def decode(
             # round (a new stride would make the compiled step recompile, and CUDA graphs re-record).
             length = None if compile else min(fed + 1, block)
             token, checksum = step_fn(model, token, pos, cache, length, noise, temperature, top_k, top_p)
-            if compile:  # the outputs live in the CUDA graph's memory, rewritten by its next replay
-                token, checksum = token.clone(), checksum.clone()
+            if compile:  # the token lives in the CUDA graph's memory, rewritten by the next replay it feeds
+                token = token.clone()
             pos, fed = pos + 1, fed + 1  # a new tensor: a CUDA graph may still hold the old one
         total += checksum
         idx = torch.cat([idx, token], dim=1)
