@@ -35,6 +35,7 @@ from lightning_charlm.runs import (
     continue_run,
     corpus_of,
     model_named,
+    model_options,
     newest_last_checkpoint,
     resume_conflicts,
     same_corpus,
@@ -186,6 +187,7 @@ class CharLMCLI(LightningCLI):
         # Whether the user named a model (the default put in below is not one: with --ckpt_path the
         # checkpoint's class is used, whichever it is).
         self._model_named = isinstance(given, list) and model_named(given[len(lead) :])
+        self._model_options = model_options(given[len(lead) :]) if isinstance(given, list) else set()
         if (self._only or kwargs.get("run") is False) and not self._model_named:
             # The model to train when none is named (with --ckpt_path the checkpoint's class wins). Not a
             # parser default: jsonargparse hands a default class's init_args to a class named later where
@@ -306,8 +308,10 @@ class CharLMCLI(LightningCLI):
             for key in RUNTIME_OPTIONS:  # how to run it: the command line's choice stands
                 if key in asked_args:
                     model.init_args[key] = asked_args[key]
-        elif asked:  # validate, test and predict use the model as it was trained: say what is left unused
-            unused = resume_conflicts(model.class_path, asked_args, model.init_args, SHAPE_OPTIONS)
+        elif self.config.subcommand != "fit" and self._model_options:
+            # validate, test and predict use the model as it was trained: say which options it leaves unused
+            shape = tuple(k for k in SHAPE_OPTIONS if k in self._model_options)
+            unused = shape and resume_conflicts(model.class_path, asked_args, model.init_args, shape)
             if unused:
                 log.warning(
                     "charlm: %s is used as it was trained; not used: %s", cfg.ckpt_path, "; ".join(unused)

@@ -365,6 +365,11 @@ class CharDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         if world == 1:
             return dataset
+        if isinstance(dataset, Prompts) and len(dataset) < world:  # Lightning fails an idle rank's loader
+            raise CharLMError(
+                f"{len(dataset)} prompts (num_samples copies included) for {world} processes: each needs one "
+                "at least; give more prompts or --data.num_samples, or fewer --trainer.devices"
+            )
         return Subset(dataset, range(self.trainer.global_rank, len(dataset), world))
 
     def prompt_list(self) -> list[str]:
@@ -372,6 +377,8 @@ class CharDataModule(L.LightningDataModule):
         if self._prompts is not None:
             return self._prompts
         hp = self.hparams
+        if hp.prompts == [] and not hp.prompts_file:
+            raise CharLMError("--data.prompts is empty: give at least one prompt, or leave it out")
         prompts = list(hp.prompts or [])
         if hp.prompts_file == "-":
             if sys.stdin.isatty():  # typed, not piped: say how to end them
@@ -379,7 +386,7 @@ class CharDataModule(L.LightningDataModule):
                     "charlm: reading prompts from the terminal, one per line; end with Ctrl-D",
                     file=sys.stderr,
                 )
-            lines = sys.stdin.read().splitlines()
+            lines = sys.stdin.read().removeprefix("\ufeff").splitlines()  # a BOM is not part of a prompt
             if not lines:
                 raise CharLMError("--data.prompts_file -: stdin held no prompts (one per line)")
             prompts += lines
@@ -390,7 +397,7 @@ class CharDataModule(L.LightningDataModule):
             if not path.is_file():
                 raise CharLMError(f"prompts file not found: {path}")
             try:
-                lines = path.read_text(encoding="utf-8").splitlines()
+                lines = path.read_text(encoding="utf-8-sig").splitlines()  # without a BOM (Windows editors)
             except UnicodeDecodeError as err:
                 raise CharLMError(
                     f"prompts file {path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset "

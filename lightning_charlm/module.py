@@ -237,7 +237,7 @@ class CharLM(L.LightningModule):
     def predict_step(self, prompts: list[str], batch_idx: int) -> list[dict[str, Any]]:
         """One record per prompt: the prompt, its continuation, and the settings (with the run's seed)."""
         # Each batch of each rank its own stream, reproducible from the run's seed.
-        seed = self.generation.seed + batch_idx * self.trainer.world_size + self.global_rank
+        seed = (self.generation.seed + batch_idx * self.trainer.world_size + self.global_rank) % 2**64
         settings, stop = replace(self.generation, seed=seed), self.interrupted.is_set
         if self.stream_to is not None and len(prompts) == 1:  # one prompt on a terminal: text as it comes
             self.stream_to(prompts[0])

@@ -100,20 +100,40 @@ def unheld_test_text(trained: list[float] | None, asked: list[float] | None) -> 
     return "trained and validated on" if test_start < trained[0] - 1e-9 else "validated on"
 
 
-def model_named(args: list[str]) -> bool:
-    """Whether these arguments choose a model class: `--model X`, or a config file with a `model` entry."""
+def _configs(args: list[str]):
+    """The config files these arguments give (-c/--config), parsed; unreadable ones skipped (jsonargparse
+    says what is wrong with them)."""
     for i, arg in enumerate(args):
-        if arg == "--model" or arg.startswith(("--model=", "--model.class_path")):
-            return True
         if arg in ("-c", "--config") or arg.startswith("--config="):
             path = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
             try:
                 config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except (OSError, ValueError, yaml.YAMLError):
-                continue  # jsonargparse says what is wrong with it
-            if isinstance(config, dict) and isinstance(config.get("model"), str | dict):
-                return True
-    return False
+                continue
+            if isinstance(config, dict):
+                yield config
+
+
+def model_named(args: list[str]) -> bool:
+    """Whether these arguments choose a model class: `--model X`, or a config file with a `model` entry."""
+    if any(arg == "--model" or arg.startswith(("--model=", "--model.class_path")) for arg in args):
+        return True
+    return any(isinstance(config.get("model"), str | dict) for config in _configs(args))
+
+
+def model_options(args: list[str]) -> set[str]:
+    """The model options these arguments set by name (`--model.KEY`, or a config file's model init_args),
+    not those a named class brings with their defaults."""
+    given = set()
+    for arg in args:
+        if arg.startswith("--model."):
+            given.add(arg[len("--model.") :].split("=", 1)[0].removeprefix("init_args."))
+    for config in _configs(args):
+        model = config.get("model")
+        init = model.get("init_args", model) if isinstance(model, dict) else None
+        if isinstance(init, dict):
+            given |= set(init) - {"class_path"}
+    return given
 
 
 def _tensorboard_args(logger):

@@ -57,6 +57,8 @@ class GenerationConfig:
         check_settings(self.temperature, self.top_k, self.top_p)
         if self.stop == "":
             raise CharLMError("generate.stop is empty: give a string, or leave it out")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator takes
+            raise CharLMError(f"generate.seed must be between {-(2**63)} and {2**64 - 1}, got {self.seed}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -201,15 +203,12 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *args, **
 
 def _prepare(model, tokenizer, prompts, settings: GenerationConfig, use_cache, interrupted):
     """The encoded prompts (an empty one starts from a newline, on the model's device) and `steps(idx)`:
-    `decode` of idx with the settings, one generator seeded from settings.seed (None: unseeded) and the
-    stop string's ids."""
+    `decode` of idx with the settings, a generator seeded from settings.seed and the prompts' length (None:
+    unseeded) and the stop string's ids."""
     s = settings
     check_settings(s.temperature, s.top_k, s.top_p, len(tokenizer))
     device = next(model.parameters()).device
-    generator = None
-    if s.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(s.seed)
+    generator = None if s.seed is None else torch.Generator(device=device)  # seeded in steps()
     encoded = [
         (tokenizer.encode(p).long() if p else torch.tensor([tokenizer.start_id])).to(device) for p in prompts
     ]
@@ -219,6 +218,9 @@ def _prepare(model, tokenizer, prompts, settings: GenerationConfig, use_cache, i
         raise CharLMError(f"the stop string {s.stop!r} cannot be generated: {err}") from None
 
     def steps(idx: torch.Tensor) -> Iterator[torch.Tensor]:
+        if generator is not None:  # a seed per prompt length (hash of two ints: the same in every process),
+            # so asking for more tokens extends each text, whatever other prompts there are
+            generator.manual_seed(hash((s.seed, idx.size(1))) % 2**64)
         return decode(
             model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator, use_cache, stop_ids,
             interrupted, s.compile,

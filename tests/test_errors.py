@@ -95,6 +95,8 @@ CASES = {
         [*PREDICT, "--generate.top_k", "500"],
         r"top_k must be between 1 and .*\(\d+\)",
     ),
+    "seed beyond 64 bits": ([*PREDICT, "--generate.seed", str(2**64)], r"generate\.seed must be between"),
+    "prompts an empty list": ([*PRED, "--data.prompts", "[]"], r"--data\.prompts is empty"),
     "top_p zero": ([*PREDICT, "--generate.top_p", "0"], r"top_p must be in \(0, 1\]"),
     "top_p above one": ([*PREDICT, "--generate.top_p", "1.5"], r"top_p must be in \(0, 1\]"),
     "prompt unknown characters": ([*PREDICT, "--data.prompts", '["my lord?"]'], r"'\?' at position 7"),

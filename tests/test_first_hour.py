@@ -242,7 +242,7 @@ def test_the_python_api_stdin_and_one_settings_type(tmp_path, corpus, monkeypatc
             "jsonl",
             *settings,
         ],
-        input="The king\nMy lord\n",
+        input="\ufeffThe king\nMy lord\n",  # with a byte-order mark, as some editors save: not in the prompt
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -168,6 +168,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert block_runs == [2, 4]  # with checkpointing each block's forward runs again in the backward pass
 
 
+def test_more_tokens_extend_every_text_of_a_seed():
+    """Each prompt length draws from its own seed and the noise comes in blocks of 64 tokens: asking for
+    more tokens extends each continuation, whatever other prompts are generated before it."""
+    tok = CharTokenizer("\nabcdefgh")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(tok), block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts = ["ab", "abc", "abc"]
+    short = sample_text(model, tok, prompts, GenerationConfig(64, temperature=1.0, seed=5))
+    long = sample_text(model, tok, prompts, GenerationConfig(70, temperature=1.0, seed=5))
+    assert all(b.startswith(a) and len(b) == 70 for a, b in zip(short, long, strict=True))
+    assert sample_text(model, tok, ["abc", "abc"], GenerationConfig(64, temperature=1.0, seed=5)) == short[1:]
+
+
 def test_a_stream_joins_to_the_generated_text():
     torch.manual_seed(0)
     tok = CharTokenizer("\nabcdefgh")
