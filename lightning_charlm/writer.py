@@ -112,9 +112,10 @@ class PredictionWriter(BasePredictionWriter):
         if pl_module.interrupted.is_set():
             self.on_predict_end(trainer, pl_module)
             where = f" to {self.path(trainer)}" if self.output is not None else ""
+            cut = "the last" if len(records) == 1 else f"the last {len(records)}, one batch,"
             rank_zero_info(
-                f"Stopped by a signal: {self.written} continuation{'s' * (self.written != 1)} "
-                f"(the last cut short) written{where}"
+                f"charlm: stopped by a signal: {self.written} continuation{'s' * (self.written != 1)} "
+                f"({cut} cut short) written{where}"
             )
             raise SIGTERMException
 
