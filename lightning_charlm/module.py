@@ -24,7 +24,7 @@ from lightning_charlm.errors import CharLMError
 from lightning_charlm.models import GPT, Bigram, GPTConfig
 from lightning_charlm.optim import MuonAdamW
 from lightning_charlm.runs import check_checkpoint
-from lightning_charlm.sampling import GenerationConfig, sample_text, stream_text
+from lightning_charlm.sampling import GenerationConfig, check_settings, sample_text, stream_text
 from lightning_charlm.tokenizer import tokenizer_for
 
 MAX_WEIGHTS = 10**11  # 400 GB in fp32: anything larger is a typo, and would only hang or run out of memory
@@ -228,6 +228,8 @@ class CharLM(L.LightningModule):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=saved)) + rank)
 
     def on_predict_start(self) -> None:
+        g = self.generation  # checked against the vocabulary before anything is printed
+        check_settings(g.temperature, g.top_k, g.top_p, len(self.tokenizer))
         if self.generation.seed is None:  # a fresh seed per run, the same on every rank, and said aloud
             seed = self.trainer.strategy.broadcast(secrets.randbelow(2**31))
             self.generation = replace(self.generation, seed=seed)
@@ -246,7 +248,7 @@ class CharLM(L.LightningModule):
             ]
         else:
             texts = self.generate(prompts, settings, stop)
-        record = asdict(self.generation)
+        record = asdict(self.generation) | ({"seed": None} if self.generation.temperature == 0 else {})
         return [{"prompt": p, "text": t, **record} for p, t in zip(prompts, texts, strict=True)]
 
     def generate(

@@ -211,7 +211,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_bad_input(case, work, monkeypatch, capsys):
+def test_bad_input(case, work, monkeypatch, capsys, caplog):
     """In-process `charlm` (the console script's main), one process for the whole table: a subprocess per
     case would spend most of its time importing torch and Lightning. An uncaught error would escape here
     as an exception instead of the SystemExit that a clean one-line error ends in."""
@@ -222,6 +222,7 @@ def test_bad_input(case, work, monkeypatch, capsys):
         main(list(args))
     err = capsys.readouterr().err
     assert exit.value.code == 2, err[-2000:]
+    assert "sampling seed" not in err + caplog.text  # every setting is checked before predict starts
     assert re.search(message, err, re.M), err[-2000:]
     assert "Traceback" not in err
     assert snapshot(work) == before  # nothing changed or removed, and nothing new: no run folder, no .tmp
