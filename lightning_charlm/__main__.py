@@ -36,8 +36,11 @@ def main(args: list[str] | None = None) -> None:
     if not given:
         print(OVERVIEW, file=sys.stderr)
         sys.exit(2)
-    from lightning_charlm.cli import main as run
-
+    try:
+        from lightning_charlm.cli import main as run
+    except KeyboardInterrupt:  # Ctrl-C while torch and Lightning import (seconds): no traceback for that
+        print("charlm: interrupted", file=sys.stderr)
+        sys.exit(130)
     run(args)
 
 

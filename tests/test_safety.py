@@ -178,6 +178,15 @@ def test_ctrl_c_twice_leaves_a_valid_last_checkpoint(delay, tmp_path, corpus):
     assert not list(ckpts.glob("*.tmp"))
 
 
+def test_ctrl_c_while_importing_is_one_line(tmp_path):
+    """A Ctrl-C in the first seconds, while torch and Lightning import, ends like a later one."""
+    proc = subprocess.Popen([CHARLM, "fit"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # Python is up (a signal before it would kill it silently); the imports take seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "charlm: interrupted", err[-2000:]
+
+
 def test_sigterm_during_predict_stops_and_keeps_the_text(stopped_run, tmp_path):
     best = stopped_run / "logs/charlm/version_0/checkpoints/best.ckpt"
     out = tmp_path / "p.txt"
