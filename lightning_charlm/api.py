@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_charlm.errors import CharLMError
 from lightning_charlm.module import CharLM
 
 
@@ -24,5 +25,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> CharLM:
     keyword arguments, and give the same text as `charlm predict` for the same seed and precision.
     """
     device = torch.device(device or "cpu")  # CharLM.load_from_checkpoint checks the file first
+    present = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not present.get(device.type, True):
+        raise CharLMError(f"device {device}: this machine has no {device.type.upper()} device (use 'cpu')")
     model = CharLM.load_from_checkpoint(str(path), map_location=device, weights_only=True)
     return model.to(device).eval()

@@ -262,6 +262,10 @@ class CharLM(L.LightningModule):
 
         `settings` default to the module's own (`self.generation`: --generate.* on the command line); keyword
         arguments override single fields: `lm.generate("ROMEO:", max_new_tokens=200, seed=1)`."""
+        if not isinstance(prompts, str) and not (
+            isinstance(prompts, list | tuple) and all(isinstance(p, str) for p in prompts)
+        ):
+            raise CharLMError(f"generate takes a prompt (a str) or a list of them, got {prompts!r:.80}")
         settings = replace(settings or self.generation, **overrides)
         with self._eval():
             texts = sample_text(self.net, self.tokenizer, [prompts] if isinstance(prompts, str) else prompts,
@@ -277,6 +281,10 @@ class CharLM(L.LightningModule):
     ) -> Iterator[str]:
         """The continuation of `prompt`, a character at a time as it is generated; joined, it is the text
         `generate` gives for the same settings."""
+        if not isinstance(prompt, str):
+            raise CharLMError(
+                f"stream continues one prompt, a str (generate takes a list), got {prompt!r:.80}"
+            )
         settings = replace(settings or self.generation, **overrides)
         with self._eval():
             yield from stream_text(self.net, self.tokenizer, prompt, settings, interrupted=interrupted)

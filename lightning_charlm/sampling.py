@@ -50,6 +50,15 @@ class GenerationConfig:
     compile: bool = False
 
     def __post_init__(self):
+        number, integer = ((int, float), "a number"), (int, "an integer")
+        kinds = {"max_new_tokens": integer, "temperature": number, "top_k": integer, "top_p": number}
+        kinds |= {"stop": (str, "a string"), "seed": integer, "compile": (bool, "true or false")}
+        for name, (kind, words) in kinds.items():  # the Python API's arguments (the command line's are typed)
+            value = getattr(self, name)
+            optional = name in ("top_k", "top_p", "stop", "seed")
+            wrong_kind = not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
+            if (value is None and not optional) or (value is not None and wrong_kind):
+                raise CharLMError(f"generate.{name} must be {words}{' or None' * optional}, got {value!r}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise CharLMError(
                 f"generate.max_new_tokens must be between 1 and {MAX_NEW_TOKENS:,}, got {self.max_new_tokens}"

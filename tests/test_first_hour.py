@@ -19,6 +19,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lightning_charlm.__main__ import SUBCOMMANDS
 from lightning_charlm.cli import CharLMCLI
+from lightning_charlm.errors import CharLMError
 from tests.conftest import CHARLM, charlm_main, make_corpus
 from tests.test_cli import TINY, scalars
 from tests.test_resume import callbacks
@@ -260,6 +261,18 @@ def test_the_python_api_stdin_and_one_settings_type(tmp_path, corpus, monkeypatc
     ]
     alone = lm.generate("The king", max_new_tokens=40, seed=11, temperature=1.0)  # one prompt: a str
     assert "".join(lm.stream("The king", max_new_tokens=40, seed=11, temperature=1.0)) == alone
+    # The API's mistakes in words, as the command line's (its options are parsed typed; these are not).
+    for call, words in (
+        (lambda: list(lm.stream(["The king"])), "stream continues one prompt, a str"),
+        (lambda: lm.generate(b"The king"), "generate takes a prompt"),
+        (lambda: lm.generate("The king", temperature="0.5"), "generate.temperature must be a number"),
+        (lambda: lm.generate("The king", max_new_tokens=5.5), "generate.max_new_tokens must be an integer"),
+    ):
+        with pytest.raises(CharLMError, match=words):
+            call()
+    if not torch.cuda.is_available():
+        with pytest.raises(CharLMError, match="this machine has no CUDA device"):
+            lightning_charlm.load(best, device="cuda")
     assert not lm.training and str(next(lm.parameters()).device) == "cpu"
 
 
