@@ -112,6 +112,11 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
 
 
 PREDICT_ONLY = ("data.prompts", "data.prompts_file", "data.num_samples")
+# What predict does not read: it continues prompts with the checkpoint's model and vocabulary, no corpus.
+NOT_PREDICT = tuple(
+    f"data.{name}"
+    for name in ("path", "unit", "split", "block_size", "val_stride", "val_batch_size", "seed", "on_device")
+) + ("seed_everything",)
 TRAINING_ONLY = (
     "max_steps", "min_steps", "max_time", "val_check_interval", "log_every_n_steps",
     "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "num_sanity_val_steps",
@@ -238,6 +243,7 @@ class CharLMCLI(LightningCLI):
                 for action in parser._actions
                 if action.dest.split(".")[0] in ("checkpoint", "early_stopping", "sample")
                 or action.dest in (*UNLISTED, *(f"trainer.{name}" for name in TRAINING_ONLY))
+                or (subcommand == "predict" and action.dest in NOT_PREDICT)
             }
         return parser
 

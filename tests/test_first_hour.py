@@ -183,6 +183,7 @@ def test_help_is_quick_and_says_what_the_options_mean(tmp_path):
         and "--data.prompts " in sub_help
         and "--writer.format" in sub_help
     )
+    assert "--data.path" not in sub_help and "--data.val_stride" not in sub_help  # predict reads no corpus
 
 
 def test_predict_jsonl_and_a_fresh_seed_said_aloud(tmp_path, corpus, caplog):
