@@ -3,6 +3,8 @@ printed without importing torch or Lightning, which take seconds; everything els
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 SUBCOMMANDS = {
@@ -36,12 +38,18 @@ def main(args: list[str] | None = None) -> None:
     if not given:
         print(OVERVIEW, file=sys.stderr)
         sys.exit(2)
-    try:
-        from lightning_charlm.cli import main as run
-    except KeyboardInterrupt:  # Ctrl-C while torch and Lightning import (seconds): no traceback for that
-        print("charlm: interrupted", file=sys.stderr)
-        sys.exit(130)
+    # A Ctrl-C while torch and Lightning import (seconds) ends at once, as a later one does: an exception
+    # raised inside an import can leave a module half made and surface as another error's traceback.
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
+    from lightning_charlm.cli import main as run
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run(args)
+
+
+def _interrupted_while_importing(signum, frame) -> None:
+    print("charlm: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # nothing is written before the imports end: nothing to clean up
 
 
 if __name__ == "__main__":
