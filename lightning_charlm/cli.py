@@ -34,8 +34,7 @@ from lightning_charlm.runs import (
     check_checkpoint,
     continue_run,
     corpus_of,
-    model_named,
-    model_options,
+    model_given,
     newest_last_checkpoint,
     resume_conflicts,
     same_corpus,
@@ -190,9 +189,10 @@ class CharLMCLI(LightningCLI):
         self._only = first if first in self.subcommands() else None
         lead = [first] if self._only else []  # run=False (tests, benchmarks) parses without a subcommand
         # Whether the user named a model (the default put in below is not one: with --ckpt_path the
-        # checkpoint's class is used, whichever it is).
-        self._model_named = isinstance(given, list) and model_named(given[len(lead) :])
-        self._model_options = model_options(given[len(lead) :]) if isinstance(given, list) else set()
+        # checkpoint's class is used, whichever it is), and which model options they set by name.
+        self._model_named, self._model_options = (
+            model_given(given[len(lead) :]) if isinstance(given, list) else (False, set())
+        )
         if (self._only or kwargs.get("run") is False) and not self._model_named:
             # The model to train when none is named (with --ckpt_path the checkpoint's class wins). Not a
             # parser default: jsonargparse hands a default class's init_args to a class named later where

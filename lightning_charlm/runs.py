@@ -114,26 +114,23 @@ def _configs(args: list[str]):
                 yield config
 
 
-def model_named(args: list[str]) -> bool:
-    """Whether these arguments choose a model class: `--model X`, or a config file with a `model` entry."""
-    if any(arg == "--model" or arg.startswith(("--model=", "--model.class_path")) for arg in args):
-        return True
-    return any(isinstance(config.get("model"), str | dict) for config in _configs(args))
-
-
-def model_options(args: list[str]) -> set[str]:
-    """The model options these arguments set by name (`--model.KEY`, or a config file's model init_args),
-    not those a named class brings with their defaults."""
-    given = set()
-    for arg in args:
-        if arg.startswith("--model."):
-            given.add(arg[len("--model.") :].split("=", 1)[0].removeprefix("init_args."))
+def model_given(args: list[str]) -> tuple[bool, set[str]]:
+    """Whether these arguments choose a model class (`--model X`, or a config file with a `model` entry),
+    and the model options they set by name (`--model.KEY`, or a config file's model init_args): not those a
+    named class brings with their defaults."""
+    named = any(arg == "--model" or arg.startswith(("--model=", "--model.class_path")) for arg in args)
+    options = {
+        arg[len("--model.") :].split("=", 1)[0].removeprefix("init_args.")
+        for arg in args
+        if arg.startswith("--model.")
+    }
     for config in _configs(args):
         model = config.get("model")
+        named |= isinstance(model, str | dict)
         init = model.get("init_args", model) if isinstance(model, dict) else None
         if isinstance(init, dict):
-            given |= set(init) - {"class_path"}
-    return given
+            options |= set(init) - {"class_path"}
+    return named, options
 
 
 def _tensorboard_args(logger):

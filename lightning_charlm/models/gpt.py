@@ -50,10 +50,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (
             self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         )  # (B, H, T, hd)
-        if self.q_norm is not None:
-            q, k = same_dtype_norm(self.q_norm, q), same_dtype_norm(self.k_norm, k)
-        if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)
+        q, k = self.normed_and_rotated(q, k, rope)
         # Causal masking is needed when queries and keys start together (training, or a prefill from an
         # empty cache).
         causal = cache is None or cache.pos == 0
@@ -67,6 +64,14 @@ class CausalSelfAttention(nn.Module):
         )  # fmt: skip
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
+    def normed_and_rotated(self, q: torch.Tensor, k: torch.Tensor, rope=None):
+        """Queries and keys after QK-norm and rotary positions, where the model has them."""
+        if self.q_norm is not None:
+            q, k = same_dtype_norm(self.q_norm, q), same_dtype_norm(self.k_norm, k)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        return q, k
+
     def decode(self, h: torch.Tensor, cache: KVCache, layer: int, step: tuple, rope=None) -> torch.Tensor:
         """Attention of one new position per row, h (B, C) after the norm, to every cached position up to it
         (GPT.decode_step): the heads' outputs (B, C), before the projection."""
@@ -77,11 +82,7 @@ class CausalSelfAttention(nn.Module):
         qkv = torch.mm(self.qkv.weight, h.t()).t().contiguous().view(B, 3, self.n_head, 1, C // self.n_head)
         q, kv = qkv[:, 0], qkv[:, 1:]  # (B, H, 1, hd), keys and values (B, 2, H, 1, hd)
         if self.q_norm is not None or rope is not None:
-            k = qkv[:, 1]
-            if self.q_norm is not None:
-                q, k = same_dtype_norm(self.q_norm, q), same_dtype_norm(self.k_norm, k)
-            if rope is not None:
-                q, k = rotate(q, *rope), rotate(k, *rope)
+            q, k = self.normed_and_rotated(q, qkv[:, 1], rope)
             kv = torch.stack([k, qkv[:, 2]], 1)
         k, v = cache.write(layer, slot, kv)
         if length is not None:  # eager: read only the filled part (the masked rest is memory traffic)
