@@ -139,14 +139,18 @@ def test_predict_options_through_the_cli(trained, tmp_path):
         assert cut == prompt + continuation[:end]  # cut right after the first "e", if one was generated
 
 
-def test_cached_equals_uncached_under_bf16_autocast_and_when_sampling():
+def test_cached_equals_uncached_under_bf16_autocast_and_when_sampling(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
     idx = torch.randint(11, (3, 5))
+    # The compiled step under bf16 autocast is what a CUDA predict runs (aot_eager: the same trace on a CPU).
+    aot = {"backend": "aot_eager", "fullgraph": True, "dynamic": False}
+    monkeypatch.setattr("lightning_charlm.sampling.COMPILE", aot)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cached = generate(model, idx, 40, temperature=0, use_cache=True)
         plain = generate(model, idx, 40, temperature=0, use_cache=False)
-    assert torch.equal(cached, plain)
+        compiled = generate(model, idx, 40, temperature=0, compile=True)
+    assert torch.equal(cached, plain) and torch.equal(compiled, plain)
     draws = [
         generate(model, idx, 40, temperature=1.0, use_cache=c, generator=torch.Generator().manual_seed(3))
         for c in (True, False)
