@@ -193,6 +193,11 @@ class CharLMCLI(LightningCLI):
         self._model_named, self._model_options = (
             model_given(given[len(lead) :]) if isinstance(given, list) else (False, set())
         )
+        self._options_given = {  # on the command line, by name: predict says which of them it does not read
+            arg[2:].split("=", 1)[0]
+            for arg in (given if isinstance(given, list) else [])
+            if arg.startswith("--")
+        }
         if (self._only or kwargs.get("run") is False) and not self._model_named:
             # The model to train when none is named (with --ckpt_path the checkpoint's class wins). Not a
             # parser default: jsonargparse hands a default class's init_args to a class named later where
@@ -322,6 +327,13 @@ class CharLMCLI(LightningCLI):
                 log.warning(
                     "charlm: %s is used as it was trained; not used: %s", cfg.ckpt_path, "; ".join(unused)
                 )
+        unread = [f"--{name}" for name in NOT_PREDICT if name in self._options_given]
+        if self.config.subcommand == "predict" and unread:  # a config file's are its training settings
+            log.warning(
+                "charlm: predict continues the prompts with the checkpoint's model and vocabulary (the "
+                "sampling seed is --generate.seed); not used: %s",
+                ", ".join(unread),
+            )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         # Added here, not in the defaults: Lightning refuses a bar callback with enable_progress_bar=False.

@@ -47,7 +47,7 @@ def scalars(run: Path) -> EventAccumulator:
     return ea
 
 
-def test_fit_validate_predict_end_to_end(tmp_path, corpus, monkeypatch):
+def test_fit_validate_predict_end_to_end(tmp_path, corpus, monkeypatch, caplog):
     fit = run_charlm(
         "fit",
         *TINY,
@@ -123,10 +123,19 @@ def test_fit_validate_predict_end_to_end(tmp_path, corpus, monkeypatch):
     bf16 = tmp_path / "bf16.txt"
     for name, value in nowhere.items():  # in this process from here on: the console script ran above
         monkeypatch.setenv(name, value)
+    gone = ["--data.path", str(corpus), "--seed_everything", "3"]  # corpus options: predict reads none
     res = charlm_main(
-        *predict, *prompts, "--trainer.precision", "bf16-mixed", "--writer.output", str(bf16), cwd=tmp_path
+        *predict,
+        *prompts,
+        *gone,
+        "--trainer.precision",
+        "bf16-mixed",
+        "--writer.output",
+        str(bf16),
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr
+    assert "not used: --data.path, --seed_everything" in caplog.text
     text = bf16.read_text()
     assert text.startswith("the king") and len(text) == len("the king") + len("my") + 2 * (30 + 2)
     # prompt + 30 characters + a blank line, twice (split by length: a text may hold blank lines itself)
