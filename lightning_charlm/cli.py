@@ -511,6 +511,9 @@ def _quiet() -> None:
     # "[rank: 0] Received SIGTERM: 2" on Ctrl-C: the Checkpoint callback says what happens instead.
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # A checkpoint of a run with --trainer.max_time holds its Timer's state: of no use to validate, test or
+    # predict, nor to a resume without a time limit (one with a limit has its Timer back).
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.*: \['Timer'\]\.$")
     if torch.cuda.is_available():  # TF32 for fp32 matrix products; Lightning asks for it on every run
         torch.set_float32_matmul_precision("high")
 
