@@ -126,6 +126,39 @@ class StepProgressBar(RichProgressBar):
         # above the bar's final state. Stopped here, the bar's last line comes first.
         self._stop_progress()
 
+    # predict counts characters, not batches: one batch of many prompts can take minutes.
+    @property
+    def predict_description(self) -> str:
+        return "characters"
+
+    @property
+    def total_predict_batches_current_dataloader(self) -> int:
+        loader = self.trainer.predict_dataloaders
+        prompts = sum(len(d.dataset) for d in (loader if isinstance(loader, list) else [loader]))
+        return prompts * self.trainer.lightning_module.generation.max_new_tokens
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_predict_start(trainer, pl_module)
+        self._prompts, self._chars, self._shown_at = 0, 0, 0.0
+        pl_module.progress_to = self._generated
+
+    def _generated(self, characters: int) -> None:
+        """Called by the module after each token step; the bar is redrawn at most 5 times a second."""
+        self._chars += characters
+        if time.monotonic() - self._shown_at >= 0.2:
+            self._update(self.predict_progress_bar_id, self._chars)
+            self._shown_at = time.monotonic()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        # Every prompt of the batch done, those a stop string ended early included.
+        self._prompts += len(batch)
+        self._chars = self._prompts * pl_module.generation.max_new_tokens
+        self._update(self.predict_progress_bar_id, self._chars)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.progress_to = None
+        super().on_predict_end(trainer, pl_module)
+
 
 class ElapsedAndLeft(ProgressColumn):
     """`1:28<2:16` (elapsed < remaining), as tqdm writes it: half the width of Lightning's time column."""

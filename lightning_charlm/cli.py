@@ -41,7 +41,7 @@ from lightning_charlm.runs import (
     unheld_test_text,
 )
 from lightning_charlm.sampling import GenerationConfig
-from lightning_charlm.writer import PredictionWriter
+from lightning_charlm.writer import WRITTEN_ON_SIGNAL, PredictionWriter
 
 log = logging.getLogger(__name__)
 
@@ -521,6 +521,7 @@ def _quiet() -> None:
 def main(args: list[str] | None = None) -> None:
     _quiet()
     SAVED_ON_SIGNAL.clear()
+    WRITTEN_ON_SIGNAL.clear()
     try:
         cli(args)
     except Exception as err:
@@ -532,8 +533,9 @@ def main(args: list[str] | None = None) -> None:
     except SIGTERMException:
         predicting = "predict" in (sys.argv[1:] if args is None else args)
         step, path = SAVED_ON_SIGNAL[-1] if SAVED_ON_SIGNAL else (None, None)
+        written = f": {WRITTEN_ON_SIGNAL[-1]}" if predicting and WRITTEN_ON_SIGNAL else ""
         print(
-            f"charlm: stopped by a signal{f' at step {step}' if path else ''}"
+            f"charlm: stopped by a signal{f' at step {step}' if path else ''}{written}"
             f"{'' if predicting else '; continue with --ckpt_path last'}",
             file=sys.stderr,
         )

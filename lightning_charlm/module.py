@@ -86,6 +86,7 @@ class CharLM(L.LightningModule):
         self.interrupted = threading.Event()  # set by a signal during predict (writer.PredictionWriter)
         self.generation = GenerationConfig()  # how to sample: --generate.* (set by the CLI), not a hparam
         self.stream_to: Callable[[str], None] | None = None  # predict prints here as it generates (writer)
+        self.progress_to: Callable[[int], None] | None = None  # characters generated, for predict's bar
 
     def build_net(self, vocab_size: int) -> nn.Module:
         raise NotImplementedError
@@ -247,7 +248,7 @@ class CharLM(L.LightningModule):
                 "".join(self.stream_to(piece) or piece for piece in self.stream(prompts[0], settings, stop))
             ]
         else:
-            texts = self.generate(prompts, settings, stop)
+            texts = self.generate(prompts, settings, stop, progress=self.progress_to)
         record = asdict(self.generation) | ({"seed": None} if self.generation.temperature == 0 else {})
         return [{"prompt": p, "text": t, **record} for p, t in zip(prompts, texts, strict=True)]
 
@@ -256,12 +257,14 @@ class CharLM(L.LightningModule):
         prompts: str | list[str],
         settings: GenerationConfig | None = None,
         interrupted: Callable[[], bool] | None = None,
+        progress: Callable[[int], None] | None = None,
         **overrides: Any,
     ) -> str | list[str]:
         """The continuation of a prompt (a list for a list of prompts), in eval mode.
 
         `settings` default to the module's own (`self.generation`: --generate.* on the command line); keyword
-        arguments override single fields: `lm.generate("ROMEO:", max_new_tokens=200, seed=1)`."""
+        arguments override single fields: `lm.generate("ROMEO:", max_new_tokens=200, seed=1)`. `progress`,
+        if given, is called with the number of characters each step of generation adds."""
         if not isinstance(prompts, str) and not (
             isinstance(prompts, list | tuple) and all(isinstance(p, str) for p in prompts)
         ):
@@ -269,7 +272,7 @@ class CharLM(L.LightningModule):
         settings = replace(settings or self.generation, **overrides)
         with self._eval():
             texts = sample_text(self.net, self.tokenizer, [prompts] if isinstance(prompts, str) else prompts,
-                                settings, interrupted=interrupted)  # fmt: skip
+                                settings, interrupted=interrupted, progress=progress)  # fmt: skip
         return texts[0] if isinstance(prompts, str) else texts
 
     def stream(

@@ -267,8 +267,10 @@ def sample_text(
     settings: GenerationConfig,
     use_cache: bool = True,
     interrupted: Callable[[], bool] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Continuations (without the prompt) of each prompt, cut after `settings.stop` if given.
+    """Continuations (without the prompt) of each prompt, cut after `settings.stop` if given; `progress` is
+    called with the number of characters each step adds.
 
     Prompts are batched by length: learned absolute positions make left-padding incorrect, and equal
     lengths keep every row's window in step.
@@ -278,7 +280,12 @@ def sample_text(
     for length in sorted({len(e) for e in encoded}):
         rows = [i for i, e in enumerate(encoded) if len(e) == length]
         idx = torch.stack([encoded[i] for i in rows])
-        res = torch.cat([idx, *steps(idx)], dim=1)  # as generate(): no tokens (a signal at once) is fine
+        tokens = []
+        for token in steps(idx):
+            tokens.append(token)
+            if progress is not None:
+                progress(len(rows))
+        res = torch.cat([idx, *tokens], dim=1)  # as generate(): no tokens (a signal at once) is fine
         for i, ids in zip(rows, res[:, length:], strict=True):
             text = tokenizer.decode(ids)
             out[i] = text[: text.index(stop) + len(stop)] if stop and stop in text else text

@@ -13,7 +13,6 @@ from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_charlm.errors import CharLMError
@@ -21,6 +20,9 @@ from lightning_charlm.errors import CharLMError
 # Control characters a model may generate (bytes models especially), shown as U+FFFD on a terminal: an ESC
 # sequence would act on the terminal, not be seen. Files and pipes get the text as it is.
 _CONTROLS = {c: "\ufffd" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if chr(c) not in "\n\t"}
+# What a predict stopped by a signal wrote, for main()'s one closing line (Lightning's bar is still live when
+# the writer learns it: a line logged then lands inside the bar).
+WRITTEN_ON_SIGNAL: list[str] = []
 
 
 def terminal_safe(text: str) -> str:
@@ -113,9 +115,8 @@ class PredictionWriter(BasePredictionWriter):
             self.on_predict_end(trainer, pl_module)
             where = f" to {self.path(trainer)}" if self.output is not None else ""
             cut = "the last" if len(records) == 1 else f"the last {len(records)}, one batch,"
-            rank_zero_info(
-                f"charlm: stopped by a signal: {self.written} continuation{'s' * (self.written != 1)} "
-                f"({cut} cut short) written{where}"
+            WRITTEN_ON_SIGNAL.append(
+                f"{self.written} continuation{'s' * (self.written != 1)} ({cut} cut short) written{where}"
             )
             raise SIGTERMException
 

@@ -301,3 +301,10 @@ def test_on_a_terminal_the_bar_then_the_closing_line_and_one_prompt_streams(tmp_
     expected = lightning_charlm.load(best).generate("The king", max_new_tokens=300, seed=5)
     assert out == "The king" + expected + "\n\n"
     assert len([r for r in reads if r.strip()]) >= 10  # streamed: many writes, not one at the end
+    # Several prompts: a bar counting the characters generated, not the batches (here one, of two lengths).
+    cmd = [CHARLM, "predict", "--ckpt_path", best, "--data.prompts", '["The", "king"]', *settings[:1], "2000"]
+    out = "".join(on_a_terminal(cmd, tmp_path, env=os.environ | {"COLUMNS": "80", "LINES": "24"}))
+    counts = [
+        int(n) for n in re.findall(r"characters\D+(\d+)/4000", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out))
+    ]
+    assert counts[-1] == 4000 and any(0 < n < 4000 for n in counts), counts
