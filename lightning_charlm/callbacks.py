@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -280,7 +281,14 @@ class RunSummary(L.Callback):
         p, device = self.params, trainer.strategy.root_device.type
         shape = f" {p['n_layer']} layers x {p['n_embd']}, block {p['block_size']}," if "n_layer" in p else ""
         devices = f"{trainer.world_size} x {device}" if trainer.world_size > 1 else device
-        where = f" -> {trainer.log_dir}" if trainer.logger is not None else " (no logger: nothing saved)"
+        ckpt = trainer.checkpoint_callback
+        where = f" -> {trainer.log_dir}" if trainer.logger is not None else " (no logger)"
+        own = (
+            trainer.logger is not None
+            and Path(ckpt.dirpath).resolve().parent == Path(trainer.log_dir).resolve()
+        )
+        if ckpt is not None and not own:
+            where += f"; checkpoints -> {os.path.relpath(ckpt.dirpath)}"  # not the run folder's own
         resumed = f", resuming at step {trainer.global_step}" if trainer.ckpt_path else ""
         return (
             f"{p['model']}{shape} {p['parameters']:,} parameters on {devices} ({p['precision']}); "

@@ -261,7 +261,12 @@ class CharLMCLI(LightningCLI):
         cfg = self.config[self.config.subcommand]
         if cfg.get("weights_only") is None:
             cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
-        if cfg.ckpt_path == "last":
+        own = cfg.checkpoint.dirpath or (Path(cfg.trainer.default_root_dir or ".") / "checkpoints")
+        if cfg.ckpt_path == "last" and (cfg.checkpoint.dirpath or cfg.trainer.logger is False):
+            if not (Path(own) / "last.ckpt").is_file():  # a checkpoint folder of the user's own
+                raise CharLMError(f"--ckpt_path last: there is no last.ckpt in {own}")
+            cfg.ckpt_path = str(Path(own) / "last.ckpt")
+        elif cfg.ckpt_path == "last":
             fitting = self.config.subcommand == "fit"
             cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger, cfg.data.path, fitting))
         if not cfg.ckpt_path and self.config.subcommand in ("validate", "test", "predict"):
@@ -371,8 +376,14 @@ class CharLMCLI(LightningCLI):
     def before_fit(self) -> None:
         # Everything that can refuse the run is checked before anything is written to its folder.
         self.model.check_data(self.datamodule)
-        log_dir = self.trainer.log_dir
-        if log_dir is not None and self.trainer.is_global_zero:
+        for sampler in (c for c in self.trainer.callbacks if isinstance(c, SampleText) and c.every_n_steps):
+            try:  # now, not when the first sample is due, after minutes of training
+                self.model.tokenizer.encode(sampler.prompt)
+            except CharLMError as err:
+                raise CharLMError(f"--sample.prompt {sampler.prompt!r} cannot be sampled: {err}") from None
+        self._check_checkpoint_folder()
+        log_dir = self.trainer.log_dir  # without a logger, the working folder: no run folder to hold
+        if self.trainer.logger is not None and log_dir is not None and self.trainer.is_global_zero:
             try:
                 self.run_folder = RunFolder(Path(log_dir))
                 tempfile.TemporaryFile(dir=log_dir).close()
@@ -381,6 +392,32 @@ class CharLMCLI(LightningCLI):
                     f"cannot write the run folder {log_dir} ({err.strerror}); make the logs folder writable "
                     "or choose another with --trainer.logger.init_args.save_dir"
                 ) from None
+
+    def _check_checkpoint_folder(self) -> None:
+        """A folder of its own for best.ckpt and last.ckpt: --checkpoint.dirpath, or ./checkpoints without a
+        logger (a run folder under the logger is new, or the resumed run's own). One that holds another
+        run's checkpoints is refused: this run would replace its best.ckpt whatever the losses."""
+        callback = self.trainer.checkpoint_callback
+        given = callback.dirpath if callback is not None else None
+        if callback is None or (given is None and self.trainer.logger is not None):
+            return  # logs/<name>/version_N/checkpoints: RunFolder checks it
+        folder = Path(given or Path(self.trainer.default_root_dir) / "checkpoints")
+        ckpt_path = self.config.fit.ckpt_path
+        resuming_here = ckpt_path is not None and Path(ckpt_path).resolve().parent == folder.resolve()
+        held = [name for name in ("best.ckpt", "last.ckpt") if (folder / name).exists()]
+        if held and not resuming_here:
+            raise CharLMError(
+                f"{folder} holds the {' and '.join(held)} of another run, which this run would replace: "
+                f"resume it with --ckpt_path {folder / held[-1]}, or give this run another"
+                " --checkpoint.dirpath"
+            )
+        try:  # fail now, not after training: a missing folder is made, a file in the way is an error
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            raise CharLMError(
+                f"cannot write the checkpoint folder {folder} ({err.strerror or err})"
+            ) from None
 
     def before_validate(self) -> None:
         self.model.check_data(self.datamodule)
@@ -427,18 +464,18 @@ SUBCOMMAND_HELP = {
     "and predict use its model, which also makes its --model options the ones used. `last`: the newest "
     "logs/<name>/version_N/checkpoints/last.ckpt of this config's logger name, trained on a corpus of this "
     "file name.",
+    "trainer.val_check_interval": "validate every this many optimizer steps (and at the last step).",
+    "checkpoint.dirpath": "where best.ckpt and last.ckpt go (default: the run folder's checkpoints/, or "
+    "./checkpoints without a logger). A folder holding another run's checkpoints is refused, unless this run "
+    "resumes from one of them; `--ckpt_path last` then means its last.ckpt.",
     "weights_only": "load checkpoints as tensors and primitives only (null means true); a file holding other "
     "objects is refused, never unpickled.",
 }
 
 # Trainer options Lightning accepts but later divides by, clips with or loops on (written so nan fails).
 TRAINER_CHECKS = {
-    "val_check_interval": (
-        lambda v: (
-            v >= 1 if isinstance(v, int) else 0 < v <= 1 if isinstance(v, float) else True
-        ),  # else: time
-        "a number of steps >= 1 (or a fraction of an epoch in (0, 1])",
-    ),
+    # Steps only: in one endless epoch Lightning refuses a fraction, and a duration crashes EarlyStopping.
+    "val_check_interval": (lambda v: isinstance(v, int) and v >= 1, "a number of optimizer steps >= 1"),
     "max_steps": (lambda v: v >= 1, "a number of optimizer steps >= 1 (the learning rate decays until then)"),
     "log_every_n_steps": (lambda v: v >= 1, ">= 1"),
     "accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),

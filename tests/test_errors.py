@@ -203,6 +203,26 @@ CASES = {
         ["predict", "--ckpt_path", "mismatch.ckpt"],
         r"weights do not fit the model",
     ),
+    "checkpoint folder of another run": (
+        [*FIT, "--checkpoint.dirpath", "logs/charlm/version_0/checkpoints"],
+        r"checkpoints holds the best\.ckpt and last\.ckpt of another run, which this run would replace",
+    ),
+    "checkpoint folder not writable": (
+        [*FIT, "--checkpoint.dirpath", "kept.txt/ck"],
+        r"cannot write the checkpoint folder \S*kept\.txt/ck \(Not a directory\)$",
+    ),
+    "val_check_interval a fraction": (
+        [*FIT, "--trainer.val_check_interval", "0.5"],
+        r"val_check_interval must be a number of optimizer steps >= 1, got 0\.5$",
+    ),
+    "val_check_interval a duration": (
+        [*FIT, "--trainer.val_check_interval", "00:00:00:01"],
+        r"val_check_interval must be a number of optimizer steps >= 1, got",
+    ),
+    "sample prompt outside the vocabulary": (
+        [*FIT, "--sample.prompt", "🎉"],
+        r"--sample\.prompt '🎉' cannot be sampled: .*'🎉' at position 0",
+    ),
     "logs folder not writable": (
         [*FIT, "--trainer.logger.init_args.save_dir", "blocked"],
         r"cannot write the run folder blocked",
@@ -283,8 +303,17 @@ def test_no_logger_and_a_module_path_run(work, monkeypatch, capsys):
     """`--trainer.logger false` trains (without a logger there is no learning-rate log to keep), and the
     model named by its full module path is the class the checkpoint holds."""
     monkeypatch.chdir(work)
-    main([*FIT, "--trainer.logger", "false", "--trainer.default_root_dir", "nolog"])
-    assert list((work / "nolog").rglob("last.ckpt"))
+    nolog = [*FIT, "--trainer.logger", "false", "--trainer.default_root_dir", "nolog"]
+    main(nolog)
+    assert {p.name for p in (work / "nolog").rglob("*")} == {"checkpoints", "best.ckpt", "last.ckpt"}
+    assert not (work / ".lock").exists()  # no run folder to hold: nothing in the working folder either
+    kept = (work / "nolog/checkpoints/best.ckpt").read_bytes()
+    with pytest.raises(SystemExit):  # a second run would replace the first one's best.ckpt
+        main(nolog)
+    assert "holds the best.ckpt and last.ckpt of another run" in capsys.readouterr().err
+    assert (work / "nolog/checkpoints/best.ckpt").read_bytes() == kept
+    main([*nolog[:-4], "--trainer.max_steps", "12", *nolog[-4:], "--ckpt_path", "last"])  # its last.ckpt
+    assert torch.load(work / "nolog/checkpoints/last.ckpt", weights_only=True)["global_step"] == 12
     model = ["--model", "lightning_charlm.module.GPTLM", "--data.block_size", "32"]
     main(["validate", *model, "--data.path", "corpus.txt", "--ckpt_path", BEST])
     assert "val/loss" in capsys.readouterr().out
