@@ -263,7 +263,17 @@ class RunSummary(L.Callback):
     @staticmethod
     def _params(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         hp, dm = pl_module.hparams, trainer.datamodule
-        model = {k: hp[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout") if k in hp}
+        shape = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+        recipe = (
+            "positions",
+            "norm",
+            "mlp",
+            "qk_norm",
+            "zero_init",
+            "tie_head",
+            "optimizer",
+        )  # the ablations'
+        model = {k: hp[k] for k in (*shape, *recipe) if k in hp}
         return {
             "model": type(pl_module).__name__,
             **model,

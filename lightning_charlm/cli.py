@@ -116,6 +116,7 @@ NOT_PREDICT = tuple(
     f"data.{name}"
     for name in ("path", "unit", "split", "block_size", "val_stride", "val_batch_size", "seed", "on_device")
 ) + ("seed_everything",)
+NOT_EVALUATE = ("data.seed", "data.batch_size", "data.on_device")  # validate and test: training windows only
 TRAINING_ONLY = (
     "max_steps", "min_steps", "max_time", "val_check_interval", "log_every_n_steps",
     "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "num_sanity_val_steps",
@@ -249,6 +250,8 @@ class CharLMCLI(LightningCLI):
                 if action.dest.split(".")[0] in ("checkpoint", "early_stopping", "sample")
                 or action.dest in (*UNLISTED, *(f"trainer.{name}" for name in TRAINING_ONLY))
                 or (subcommand == "predict" and action.dest in NOT_PREDICT)
+                or (subcommand != "predict" and action.dest in NOT_EVALUATE)
+                or (subcommand != "predict" and action.dest.split(".")[0] == "generate")
             }
         return parser
 
@@ -259,8 +262,12 @@ class CharLMCLI(LightningCLI):
         if not self.config.get("subcommand"):
             return
         cfg = self.config[self.config.subcommand]
-        if cfg.get("weights_only") is None:
-            cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
+        if cfg.get("weights_only") is False:  # every load here is weights-only: the option cannot turn it off
+            raise CharLMError(
+                "--weights_only false: charlm loads checkpoints as tensors and primitives only, never "
+                "unpickling code; leave the option out"
+            )
+        cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
         own = cfg.checkpoint.dirpath or (Path(cfg.trainer.default_root_dir or ".") / "checkpoints")
         if cfg.ckpt_path == "last" and (cfg.checkpoint.dirpath or cfg.trainer.logger is False):
             if not (Path(own) / "last.ckpt").is_file():  # a checkpoint folder of the user's own
@@ -468,8 +475,8 @@ SUBCOMMAND_HELP = {
     "checkpoint.dirpath": "where best.ckpt and last.ckpt go (default: the run folder's checkpoints/, or "
     "./checkpoints without a logger). A folder holding another run's checkpoints is refused, unless this run "
     "resumes from one of them; `--ckpt_path last` then means its last.ckpt.",
-    "weights_only": "load checkpoints as tensors and primitives only (null means true); a file holding other "
-    "objects is refused, never unpickled.",
+    "weights_only": "checkpoints are loaded as tensors and primitives only (true; false is refused): a file "
+    "holding other objects is refused, never unpickled.",
 }
 
 # Trainer options Lightning accepts but later divides by, clips with or loops on (written so nan fails).

@@ -223,6 +223,10 @@ CASES = {
         [*FIT, "--sample.prompt", "🎉"],
         r"--sample\.prompt '🎉' cannot be sampled: .*'🎉' at position 0",
     ),
+    "weights_only false": (
+        ["validate", "--ckpt_path", BEST, "--weights_only", "false"],
+        r"--weights_only false: charlm loads checkpoints as tensors and primitives only",
+    ),
     "logs folder not writable": (
         [*FIT, "--trainer.logger.init_args.save_dir", "blocked"],
         r"cannot write the run folder blocked",

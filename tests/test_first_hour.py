@@ -115,6 +115,7 @@ def test_the_console_a_run_summary_and_the_hparams_tab(tmp_path, corpus, caplog)
     )
     hparams = {k: v.string_value or v.number_value for k, v in start.session_start_info.hparams.items()}
     assert hparams["model"] == "GPTLM" and hparams["n_layer"] == 2 and hparams["corpus"] == "corpus.txt"
+    assert hparams["positions"] == "learned" and hparams["optimizer"] == "adamw"  # runs of an ablation differ
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         ea.PluginTagToContent("hparams")["_hparams_/experiment"]
     )
@@ -178,6 +179,9 @@ def test_help_is_quick_and_says_what_the_options_mean(tmp_path):
             and "--trainer.max_steps" not in sub_help
         )
         assert "The model to train" not in sub_help and len(sub_help.splitlines()) < 450
+        if name == "test":  # nor what only training or sampling reads
+            assert "--generate.temperature" not in sub_help and "--data.seed" not in sub_help
+            assert "--data.batch_size" not in sub_help and "--data.val_batch_size" in sub_help
     assert (
         "--generate.temperature" in sub_help
         and "--data.prompts " in sub_help
