@@ -307,6 +307,16 @@ class CharLMCLI(LightningCLI):
                     "would train nothing; give a larger --trainer.max_steps to go on"
                 )
             continue_run(cfg.trainer.logger, Path(cfg.ckpt_path))
+            last = Path(cfg.ckpt_path).with_name("last.ckpt")
+            if last != Path(cfg.ckpt_path) and last.is_file():  # e.g. from best.ckpt, behind the run's end
+                later = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get(
+                    "global_step", 0
+                )
+                if later > step:
+                    log.warning(
+                        "charlm: resuming at step %d (%s): the run's last.ckpt, at step %d, will be replaced",
+                        *(step, Path(cfg.ckpt_path).name, later),
+                    )
         asked = cfg.model.class_path if self._model_named else None
         asked_args = dict(cfg.model.get("init_args") or {})
         super()._parse_ckpt_path()  # replaces the model config with the checkpoint's

@@ -193,3 +193,26 @@ def test_a_signal_during_validation_runs_that_round_again_on_resume(tmp_path, mo
     assert res.returncode == 0, res.stderr
     assert [e.step for e in scalars(tmp_path / "logs/charlm/version_0").Scalars("val/loss")] == [14, 29, 39]
     assert_same_params(last(tmp_path), reference)  # weights, and the best score and patience of every round
+
+
+def test_a_resume_from_behind_the_runs_end_says_last_ckpt_will_be_replaced(tmp_path, corpus, caplog):
+    args = [
+        *TINY,
+        "--data.path",
+        str(corpus),
+        "--trainer.val_check_interval",
+        "5",
+        "--sample.every_n_steps",
+        "0",
+    ]
+    ckpts = tmp_path / "logs/charlm/version_0/checkpoints"
+    for steps, resume in (("5", []), ("10", ["--ckpt_path", "last"])):
+        assert charlm_main("fit", *args, "--trainer.max_steps", steps, *resume, cwd=tmp_path).returncode == 0
+        if steps == "5":
+            (ckpts / "early.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes())  # a step-5 copy
+    assert "will be replaced" not in caplog.text  # resumed from last.ckpt itself
+    res = charlm_main(
+        "fit", *args, "--trainer.max_steps", "12", "--ckpt_path", str(ckpts / "early.ckpt"), cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr
+    assert "resuming at step 5 (early.ckpt): the run's last.ckpt, at step 10, will be replaced" in caplog.text
