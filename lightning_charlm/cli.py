@@ -299,6 +299,16 @@ class CharLMCLI(LightningCLI):
                 "model was %s (it trained with --data.split %s): its test loss is not a held-out figure",
                 *(round(cfg.data.split[2] * 100, 2), list(cfg.data.split), seen, trained_split),
             )
+        validating = (
+            self.config.subcommand == "validate" and trained and same_corpus(cfg.data.path, corpus_of(ckpt))
+        )
+        if validating and cfg.data.split and cfg.data.split[0] < trained_split[0] - 1e-9:
+            log.warning(
+                "charlm: warning: the validation part (from %g%% of the corpus, --data.split %s) starts in "
+                "text this model trained on (it trained with --data.split %s): its val/loss is not a "
+                "held-out figure",
+                *(round(cfg.data.split[0] * 100, 2), list(cfg.data.split), trained_split),
+            )
         step = ckpt.get("global_step", 0)
         if self.config.subcommand == "fit":
             if 0 <= cfg.trainer.max_steps <= step:

@@ -241,6 +241,10 @@ def test_charlm_test_scores_the_held_out_test_split(tmp_path, corpus, caplog, re
     assert res.returncode == 0 and f"{plain} is used as it was trained; not used: " in caplog.text
     assert "--model.n_layer 3 (the checkpoint has 2)" in caplog.text
     assert "--model.n_embd" not in caplog.text  # given by no one: a default the named class brings along
+    caplog.clear()  # a validation part that reaches into the training text is scored, with a warning
+    res = charlm_main("validate", "--ckpt_path", str(plain), "--data.split", "[0.5,0.5]", cwd=tmp_path)
+    assert res.returncode == 0 and "the validation part (from 50% of the corpus" in caplog.text
+    assert "its val/loss is not a held-out figure" in caplog.text
     caplog.clear()  # an option given without naming a model is not used either, and said so
     res = charlm_main("validate", "--model.n_layer", "4", "--ckpt_path", str(plain), cwd=tmp_path)
     assert res.returncode == 0 and "not used: --model.n_layer 4 (the checkpoint has 2)" in caplog.text
