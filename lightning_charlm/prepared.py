@@ -6,11 +6,13 @@ with the corpus, and every rank maps the same file. A single file under PREPARE_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -87,13 +89,14 @@ def _valid_meta(folder: Path) -> dict | None:
     return None
 
 
-def _texts(path: Path):
+def _texts(path: Path, advance=lambda n: None):
     """The file's text in pieces of about CHUNK bytes, each cut before a character's first byte, so a
-    decoding error names its exact byte offset in the file."""
+    decoding error names its exact byte offset in the file; `advance` gets the bytes read."""
     offset, carry = 0, b""
     with path.open("rb") as f:
         while True:
             raw = f.read(CHUNK)
+            advance(len(raw))
             data, last = carry + raw, not raw
             cut = len(data)
             if not last and data:  # the last character (it may be cut short) waits for the next piece
@@ -109,45 +112,66 @@ def _texts(path: Path):
                 return
 
 
-def _pieces(files: list[Path], byte: bool):
-    """The corpus in pieces of about CHUNK bytes, SEPARATOR between files: str, or bytes when `byte`."""
+def _pieces(files: list[Path], byte: bool, advance=lambda n: None):
+    """The corpus in pieces of about CHUNK bytes, SEPARATOR between files: str, or bytes when `byte`;
+    `advance` gets the bytes read."""
     sep = SEPARATOR.encode() if byte else SEPARATOR
     for i, path in enumerate(files):
         if i:
             yield sep
         if not byte:
-            yield from _texts(path)
+            yield from _texts(path, advance)
             continue
         with path.open("rb") as f:
             while block := f.read(CHUNK):
+                advance(len(block))
                 yield block
+
+
+@contextlib.contextmanager
+def _bar(total: int):
+    """`advance(bytes)` for a bar on stderr while a corpus is prepared (a GB takes a minute), when stderr is
+    a terminal; a no-op elsewhere (logs and pipes get the one 'preparing' line)."""
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("preparing"), BarColumn(bar_width=20), TaskProgressColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(file=sys.stderr)) as progress:
+        task = progress.add_task("", total=total)
+        yield lambda n: progress.advance(task, n)
 
 
 def _prepare(files: list[Path], folder: Path, byte: bool) -> dict:
     size = sum(p.stat().st_size for p in files)
     where = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]} ...)"
     log.warning("charlm: preparing %s (%.0f MB) once; later launches map it", where, size / 1e6)
-    if byte:
-        tok = ByteTokenizer()
-    else:
-        chars: set[str] = set()
-        for text in _pieces(files, byte):
-            chars.update(text)
-        tok = CharTokenizer("".join(sorted(chars))) if chars else None
-    if tok is None or not size:
-        raise CharLMError(f"corpus file is empty: {where}")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
-    count, crc = 0, 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for piece in _pieces(files, byte):
-                raw = piece if byte else tok.encode(piece).numpy().tobytes()
-                f.write(raw)
-                crc, count = zlib.crc32(raw, crc), count + len(piece)
-        os.replace(tmp, folder / "ids.bin")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with _bar(
+        size if byte else 2 * size
+    ) as advance:  # characters: one pass for the vocabulary, one to encode
+        if byte:
+            tok = ByteTokenizer()
+        else:
+            chars: set[str] = set()
+            for text in _pieces(files, byte, advance):
+                chars.update(text)
+            tok = CharTokenizer("".join(sorted(chars))) if chars else None
+        if tok is None or not size:
+            raise CharLMError(f"corpus file is empty: {where}")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+        count, crc = 0, 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for piece in _pieces(files, byte, advance):
+                    raw = piece if byte else tok.encode(piece).numpy().tobytes()
+                    f.write(raw)
+                    crc, count = zlib.crc32(raw, crc), count + len(piece)
+            os.replace(tmp, folder / "ids.bin")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     meta = {"format": FORMAT, "sources": [str(p.resolve()) for p in files], "vocab": tok.vocab,
             "count": count, "dtype": str(tok.dtype).removeprefix("torch."), "crc32": crc}  # fmt: skip
     part = folder / "meta.json.part"

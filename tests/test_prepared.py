@@ -175,3 +175,22 @@ def test_a_folder_or_a_pattern_is_a_corpus_of_its_files_in_sorted_order(tmp_path
     for path, message in ((tmp_path / "empty", "holds no files"), (books / "*.csv", "no file matches")):
         with pytest.raises(CharLMError, match=message):
             corpus(path)
+
+
+def test_preparing_shows_a_bar_on_a_terminal(big, tmp_path, monkeypatch):
+    """With stderr on a terminal (a pseudo-terminal here), the preparation draws its progress; elsewhere only
+    the one 'preparing' line is logged."""
+    import pty
+    import re
+    import select
+    import sys
+
+    main, terminal = pty.openpty()
+    with os.fdopen(terminal, "w") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        splits(big)  # 400 reads of 1,000 bytes in two passes
+        tty.flush()
+    ready, _, _ = select.select([main], [], [], 5)  # nothing drawn: fail, not wait forever
+    shown = os.read(main, 1 << 16).decode() if ready else ""
+    os.close(main)
+    assert "preparing" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown) and "100%" in shown
