@@ -235,6 +235,9 @@ class SampleText(L.Callback):
             trainer.logger.experiment.add_text("samples", shown, step)
 
 
+CPU_SIZED = 5_000_000  # parameters: above this, a run on a CPU gets a note pointing to gpt-cpu.yaml
+
+
 class RunSummary(L.Callback):
     """What a run is, in one line at its start; its best val/loss and best.ckpt in one line at its end; and
     TensorBoard's HParams tab: the run's key settings, with `hp/best_val_loss` to compare runs by."""
@@ -245,6 +248,12 @@ class RunSummary(L.Callback):
         if not trainer.is_global_zero:
             return
         print(f"charlm: {line}", flush=True)
+        if trainer.strategy.root_device.type == "cpu" and self.params["parameters"] > CPU_SIZED:
+            print(
+                f"charlm: note: {self.params['parameters'] / 1e6:.1f}M parameters is a model for a GPU: on a "
+                "CPU each step takes seconds; configs/gpt-cpu.yaml is sized for one",
+                flush=True,
+            )
         logger = trainer.logger
         if not isinstance(logger, TensorBoardLogger):
             return
@@ -257,7 +266,20 @@ class RunSummary(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ckpt = trainer.checkpoint_callback
-        if trainer.is_global_zero and ckpt is not None and ckpt.best_model_score is not None:
+        if not trainer.is_global_zero:
+            return
+        stopper = trainer.early_stopping_callback
+        if (
+            stopper is not None
+            and stopper.wait_count >= stopper.patience
+            and trainer.global_step < trainer.max_steps
+        ):
+            print(
+                f"charlm: stopped early at step {trainer.global_step} of {trainer.max_steps}: val/loss did "
+                f"not improve for {stopper.patience} validations (--early_stopping.patience)",
+                flush=True,
+            )
+        if ckpt is not None and ckpt.best_model_score is not None:
             print(f"charlm: best val/loss {ckpt.best_model_score:.4f}: {ckpt.best_model_path}", flush=True)
 
     @staticmethod

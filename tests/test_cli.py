@@ -184,6 +184,10 @@ def test_early_stopping_ends_an_overfitting_run(tmp_path, corpus):
     assert fit.returncode == 0, fit.stderr
     run = tmp_path / "logs" / "charlm" / "version_0"
     val = [(e.step, e.value) for e in scalars(run).Scalars("val/loss")]
+    stopped = re.search(
+        r"charlm: stopped early at step (\d+) of 2000: val/loss did not improve for 2 ", fit.stdout
+    )
+    assert stopped and int(stopped.group(1)) == val[-1][0] + 1, fit.stdout
     losses = [v for _, v in val]
     best_round = losses.index(min(losses))
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)

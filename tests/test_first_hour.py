@@ -124,6 +124,15 @@ def test_the_console_a_run_summary_and_the_hparams_tab(tmp_path, corpus, caplog)
         assert noise not in caplog.text + res.stdout + res.stderr
 
 
+def test_a_gpu_sized_model_on_a_cpu_gets_a_note(tmp_path, corpus):
+    wide = ["--model.n_layer", "4", "--model.n_embd", "384", "--model.n_head", "6", "--data.batch_size", "2"]
+    res = fit(tmp_path, "--data.path", str(corpus), *wide, "--trainer.max_steps", "1")
+    assert re.search(
+        r"charlm: note: 7\.\dM parameters is a model for a GPU: .* configs/gpt-cpu\.yaml", res.stdout
+    )
+    assert "note:" not in fit(tmp_path, "--data.path", str(corpus), "--trainer.max_steps", "1").stdout
+
+
 def test_last_picks_a_run_of_the_same_corpus_and_a_checkpoint_knows_its_corpus(tmp_path):
     (tmp_path / "a").mkdir()
     a, b = make_corpus(tmp_path / "a"), tmp_path / "b.txt"
