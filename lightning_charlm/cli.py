@@ -317,6 +317,13 @@ class CharLMCLI(LightningCLI):
                     "would train nothing; give a larger --trainer.max_steps to go on"
                 )
             continue_run(cfg.trainer.logger, Path(cfg.ckpt_path))
+            was = trained.get("block_size")
+            if cfg.data.block_size is not None and was is not None and cfg.data.block_size != was:
+                log.warning(
+                    "charlm: resuming with --data.block_size %d (the run trained on windows of %d): val/loss "
+                    "is now scored on other windows, so best.ckpt compares losses of two kinds",
+                    *(cfg.data.block_size, was),
+                )
             last = Path(cfg.ckpt_path).with_name("last.ckpt")
             if last != Path(cfg.ckpt_path) and last.is_file():  # e.g. from best.ckpt, behind the run's end
                 later = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get(

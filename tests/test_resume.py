@@ -216,3 +216,19 @@ def test_a_resume_from_behind_the_runs_end_says_last_ckpt_will_be_replaced(tmp_p
     )
     assert res.returncode == 0, res.stderr
     assert "resuming at step 5 (early.ckpt): the run's last.ckpt, at step 10, will be replaced" in caplog.text
+    assert "val/loss is now scored on other windows" not in caplog.text  # the same windows so far
+    res = charlm_main(
+        "fit",
+        *args,
+        "--trainer.max_steps",
+        "14",
+        "--ckpt_path",
+        "last",
+        "--data.block_size",
+        "16",
+        cwd=tmp_path,
+    )
+    assert (
+        res.returncode == 0
+        and "resuming with --data.block_size 16 (the run trained on windows of 32)" in (caplog.text)
+    )
