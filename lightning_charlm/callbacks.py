@@ -286,15 +286,7 @@ class RunSummary(L.Callback):
     def _params(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         hp, dm = pl_module.hparams, trainer.datamodule
         shape = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
-        recipe = (
-            "positions",
-            "norm",
-            "mlp",
-            "qk_norm",
-            "zero_init",
-            "tie_head",
-            "optimizer",
-        )  # the ablations'
+        recipe = ("positions", "norm", "mlp", "qk_norm", "zero_init", "tie_head", "optimizer")  # ablated
         model = {k: hp[k] for k in (*shape, *recipe) if k in hp}
         return {
             "model": type(pl_module).__name__,
@@ -315,11 +307,11 @@ class RunSummary(L.Callback):
         devices = f"{trainer.world_size} x {device}" if trainer.world_size > 1 else device
         ckpt = trainer.checkpoint_callback
         where = f" -> {trainer.log_dir}" if trainer.logger is not None else " (no logger)"
-        own = (
+        in_run = ckpt is None or (
             trainer.logger is not None
             and Path(ckpt.dirpath).resolve().parent == Path(trainer.log_dir).resolve()
         )
-        if ckpt is not None and not own:
+        if not in_run:
             where += f"; checkpoints -> {os.path.relpath(ckpt.dirpath)}"  # not the run folder's own
         resumed = f", resuming at step {trainer.global_step}" if trainer.ckpt_path else ""
         return (

@@ -36,6 +36,7 @@ from lightning_charlm.runs import (
     corpus_of,
     model_given,
     newest_last_checkpoint,
+    own_checkpoint_folder,
     resume_conflicts,
     same_corpus,
     unheld_test_text,
@@ -268,11 +269,13 @@ class CharLMCLI(LightningCLI):
                 "unpickling code; leave the option out"
             )
         cfg.weights_only = True  # checkpoints hold tensors and primitives only; never unpickle code
-        own = cfg.checkpoint.dirpath or (Path(cfg.trainer.default_root_dir or ".") / "checkpoints")
-        if cfg.ckpt_path == "last" and (cfg.checkpoint.dirpath or cfg.trainer.logger is False):
-            if not (Path(own) / "last.ckpt").is_file():  # a checkpoint folder of the user's own
+        own = own_checkpoint_folder(
+            cfg.checkpoint.dirpath, cfg.trainer.logger is not False, cfg.trainer.default_root_dir
+        )
+        if cfg.ckpt_path == "last" and own is not None:  # a checkpoint folder of the user's own
+            if not (own / "last.ckpt").is_file():
                 raise CharLMError(f"--ckpt_path last: there is no last.ckpt in {own}")
-            cfg.ckpt_path = str(Path(own) / "last.ckpt")
+            cfg.ckpt_path = str(own / "last.ckpt")
         elif cfg.ckpt_path == "last":
             fitting = self.config.subcommand == "fit"
             cfg.ckpt_path = str(newest_last_checkpoint(cfg.trainer.logger, cfg.data.path, fitting))
@@ -432,10 +435,13 @@ class CharLMCLI(LightningCLI):
         logger (a run folder under the logger is new, or the resumed run's own). One that holds another
         run's checkpoints is refused: this run would replace its best.ckpt whatever the losses."""
         callback = self.trainer.checkpoint_callback
-        given = callback.dirpath if callback is not None else None
-        if callback is None or (given is None and self.trainer.logger is not None):
+        if callback is None:
+            return
+        folder = own_checkpoint_folder(
+            callback.dirpath, self.trainer.logger is not None, self.trainer.default_root_dir
+        )
+        if folder is None:
             return  # logs/<name>/version_N/checkpoints: RunFolder checks it
-        folder = Path(given or Path(self.trainer.default_root_dir) / "checkpoints")
         ckpt_path = self.config.fit.ckpt_path
         resuming_here = ckpt_path is not None and Path(ckpt_path).resolve().parent == folder.resolve()
         held = [name for name in ("best.ckpt", "last.ckpt") if (folder / name).exists()]

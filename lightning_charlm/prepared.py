@@ -148,9 +148,8 @@ def _prepare(files: list[Path], folder: Path, byte: bool) -> dict:
     size = sum(p.stat().st_size for p in files)
     where = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]} ...)"
     log.warning("charlm: preparing %s (%.0f MB) once; later launches map it", where, size / 1e6)
-    with _bar(
-        size if byte else 2 * size
-    ) as advance:  # characters: one pass for the vocabulary, one to encode
+    passes = 1 if byte else 2  # characters: one pass for the vocabulary, one to encode
+    with _bar(passes * size) as advance:
         if byte:
             tok = ByteTokenizer()
         else:

@@ -133,6 +133,14 @@ def model_given(args: list[str]) -> tuple[bool, set[str]]:
     return named, options
 
 
+def own_checkpoint_folder(dirpath: str | None, logged: bool, root: str | None) -> Path | None:
+    """Where best.ckpt and last.ckpt go when not into a run folder: --checkpoint.dirpath, or ./checkpoints
+    (under --trainer.default_root_dir) without a logger. None: the run folder's checkpoints/."""
+    if dirpath:
+        return Path(dirpath)
+    return None if logged else Path(root or ".") / "checkpoints"
+
+
 def _tensorboard_args(logger):
     if getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
         return logger.init_args
