@@ -182,15 +182,29 @@ def test_preparing_shows_a_bar_on_a_terminal(big, tmp_path, monkeypatch):
     the one 'preparing' line is logged."""
     import pty
     import re
-    import select
     import sys
+    import threading
 
     main, terminal = pty.openpty()
+    chunks = []
+
+    def drain():  # read while it draws: rich writes in several chunks, and a full pty would block the writer
+        while True:
+            try:
+                chunk = os.read(main, 1 << 16)
+            except OSError:  # EIO: the terminal side is closed and everything drawn has been read
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     with os.fdopen(terminal, "w") as tty:
         monkeypatch.setattr(sys, "stderr", tty)
         splits(big)  # 400 reads of 1,000 bytes in two passes
         tty.flush()
-    ready, _, _ = select.select([main], [], [], 5)  # nothing drawn: fail, not wait forever
-    shown = os.read(main, 1 << 16).decode() if ready else ""
+    reader.join(10)  # nothing more drawn: fail, not wait forever
     os.close(main)
+    shown = b"".join(chunks).decode()
     assert "preparing" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown) and "100%" in shown
