@@ -242,6 +242,8 @@ class RunSummary(L.Callback):
     """What a run is, in one line at its start; its best val/loss and best.ckpt in one line at its end; and
     TensorBoard's HParams tab: the run's key settings, with `hp/best_val_loss` to compare runs by."""
 
+    _end = None  # the HParams tab's "session end" summary, written when training completes
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.params = self._params(trainer, pl_module)
         line = self._line(trainer)  # on every rank: trainer.log_dir is a collective under DDP
@@ -261,8 +263,15 @@ class RunSummary(L.Callback):
         # the metric's values come from the hp/best_val_loss scalars the Checkpoint callback logs.
         from torch.utils.tensorboard.summary import hparams
 
-        for summary in hparams(self.params, {"hp/best_val_loss": 0.0}):
+        *start, self._end = hparams(self.params, {"hp/best_val_loss": 0.0})
+        for summary in start:
             logger.experiment._get_file_writer().add_summary(summary)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # "Success" only once training ran to its end (not on a signal, not on a crash): TensorBoard keeps a
+        # run's first status, and a run stopped here and resumed into the same folder ends there later.
+        if self._end is not None and trainer.is_global_zero:
+            trainer.logger.experiment._get_file_writer().add_summary(self._end)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ckpt = trainer.checkpoint_callback

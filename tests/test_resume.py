@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import CHARLM, charlm_main, make_corpus
-from tests.test_cli import TINY
+from tests.test_cli import TINY, scalars
 
 REPO = str(Path(__file__).resolve().parents[1])
 ENV = {"PYTHONPATH": REPO}  # so the runs can import tests.helpers
@@ -129,9 +129,22 @@ def test_signal_saves_last_and_resumes_exactly(sig, tmp_path, module_corpus, ref
     assert f"charlm: stopped by a signal at step {stopped_at}; continue with --ckpt_path last\n" in err
     assert "charlm: saved logs/charlm/version_0/checkpoints/last.ckpt" in err
     assert err.count("stopped by a signal") == 1
+    assert status(tmp_path) is None  # TensorBoard's HParams tab: not "success" (its first status is kept)
     resumed = charlm_main("fit", *RUN, *data, "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_params(last(tmp_path), reference)
+    assert status(tmp_path) == "STATUS_SUCCESS"  # the resumed run ran to its end, in the same folder
+
+
+def status(tmp_path) -> str | None:
+    """The run's status on TensorBoard's HParams tab, None where none is recorded."""
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    content = scalars(tmp_path / "logs/charlm/version_0").PluginTagToContent("hparams")
+    if "_hparams_/session_end_info" not in content:
+        return None
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
+    return api_pb2.Status.Name(end.session_end_info.status)
 
 
 def test_last_with_no_run_is_a_clear_error(tmp_path, corpus):
