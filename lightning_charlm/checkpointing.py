@@ -116,6 +116,12 @@ class Checkpoint(ModelCheckpoint):
             self._last_global_step_saved, self._last_periodic_step = saved, step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":  # a round is complete: its run-long counters agree again
+            # After a round stopped part-way is run again (_as_if_validation_not_begun), Lightning levels only
+            # the current round's counters: the run-long ones would stay a batch ahead in every later
+            # checkpoint, and a resume at a validation step would take that for a round stopped part-way.
+            total = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
+            total.ready = total.started = total.processed = total.completed
         super().on_validation_end(trainer, pl_module)
         best = self.best_model_score
         if trainer.logger is not None and best is not None and not trainer.sanity_checking:
