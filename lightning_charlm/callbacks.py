@@ -12,7 +12,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import ProgressColumn, Task
@@ -277,17 +278,9 @@ class RunSummary(L.Callback):
         ckpt = trainer.checkpoint_callback
         if not trainer.is_global_zero:
             return
-        stopper = trainer.early_stopping_callback
-        if (
-            stopper is not None
-            and stopper.wait_count >= stopper.patience
-            and trainer.global_step < trainer.max_steps
-        ):
-            print(
-                f"charlm: stopped early at step {trainer.global_step} of {trainer.max_steps}: val/loss did "
-                f"not improve for {stopper.patience} validations (--early_stopping.patience)",
-                flush=True,
-            )
+        step, steps = trainer.global_step, trainer.max_steps
+        if (why := _stopped_early(trainer.early_stopping_callback)) and step < steps:
+            print(f"charlm: stopped early at step {step} of {steps}: {why}", flush=True)
         if ckpt is not None and ckpt.best_model_score is not None:
             print(f"charlm: best val/loss {ckpt.best_model_score:.4f}: {ckpt.best_model_path}", flush=True)
 
@@ -328,6 +321,21 @@ class RunSummary(L.Callback):
             f"{p['corpus']}, {p['vocab_size']} {'byte values' if p['unit'] == 'byte' else 'characters'}"
             f"{resumed}{where}"
         )
+
+
+def _stopped_early(stopper: EarlyStopping | None) -> str | None:
+    """Why early stopping ended the run, in the words of its options; None if it did not."""
+    if stopper is None:
+        return None
+    m, reason = stopper.monitor, stopper.stopping_reason
+    if reason == EarlyStoppingReason.STOPPING_THRESHOLD:
+        return f"{m} reached {stopper.stopping_threshold} (--early_stopping.stopping_threshold)"
+    if reason == EarlyStoppingReason.DIVERGENCE_THRESHOLD:
+        return f"{m} passed {stopper.divergence_threshold} (--early_stopping.divergence_threshold)"
+    if stopper.wait_count >= stopper.patience:  # the reason a resumed run reads back may be an earlier stop's
+        by = f" by more than {abs(stopper.min_delta)}" if stopper.min_delta else ""
+        return f"{m} did not improve{by} for {stopper.patience} validations (--early_stopping.patience)"
+    return None
 
 
 def _corpus_name(path: str | None) -> str:

@@ -413,6 +413,13 @@ class CharLMCLI(LightningCLI):
     def before_fit(self) -> None:
         # Everything that can refuse the run is checked before anything is written to its folder.
         self.model.check_data(self.datamodule)
+        for group, kind in (("checkpoint", Checkpoint), ("early_stopping", EarlyStopping)):
+            for c in (c for c in self.trainer.callbacks if isinstance(c, kind) and c.monitor is not None):
+                if c.monitor not in CharLM.VAL_METRICS:  # Lightning would find out after the first validation
+                    raise CharLMError(
+                        f"--{group}.monitor {c.monitor}: not a metric of every validation; "
+                        f"choose {', '.join(CharLM.VAL_METRICS)}"
+                    )
         for sampler in (c for c in self.trainer.callbacks if isinstance(c, SampleText) and c.every_n_steps):
             try:  # now, not when the first sample is due, after minutes of training
                 self.model.tokenizer.encode(sampler.prompt)

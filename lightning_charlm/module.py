@@ -182,6 +182,8 @@ class CharLM(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_derived("test", self.test_loss)
 
+    VAL_METRICS = ("val/loss", "val/ppl", "val/bpc")  # logged at every validation: what callbacks can watch
+
     def _log_derived(self, stage: str, metric: MeanMetric) -> None:
         loss = metric.compute()  # synced across ranks; Lightning logs and resets the metric itself
         # Identical on every rank already, so averaging them (sync_dist) changes nothing but the warning.

@@ -223,6 +223,10 @@ CASES = {
         [*FIT, "--sample.prompt", "🎉"],
         r"--sample\.prompt '🎉' cannot be sampled: .*'🎉' at position 0",
     ),
+    "early stopping on a metric not validated": (
+        [*FIT, "--early_stopping.monitor", "train/foo"],
+        r"--early_stopping\.monitor train/foo: not a metric of every validation; choose val/loss, val/ppl",
+    ),
     "weights_only false": (
         ["validate", "--ckpt_path", BEST, "--weights_only", "false"],
         r"--weights_only false: charlm loads checkpoints as tensors and primitives only",

@@ -125,6 +125,13 @@ def test_the_console_a_run_summary_and_the_hparams_tab(tmp_path, corpus, caplog)
         assert noise not in caplog.text + res.stdout + res.stderr
 
 
+def test_early_stopping_says_why_in_its_options_words(tmp_path, corpus):
+    stop = ["--early_stopping.monitor", "val/bpc", "--early_stopping.stopping_threshold", "100"]
+    res = fit(tmp_path, "--data.path", str(corpus), "--trainer.max_steps", "30", *stop)
+    why = "val/bpc reached 100.0 (--early_stopping.stopping_threshold)"
+    assert f"charlm: stopped early at step 10 of 30: {why}\n" in res.stdout
+
+
 def test_a_gpu_sized_model_on_a_cpu_gets_a_note(tmp_path, corpus):
     wide = ["--model.n_layer", "4", "--model.n_embd", "384", "--model.n_head", "6", "--data.batch_size", "2"]
     res = fit(tmp_path, "--data.path", str(corpus), *wide, "--trainer.max_steps", "1")
