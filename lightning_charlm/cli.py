@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_charlm.__main__ import SUBCOMMANDS
 from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, TokensPerSecond
 from lightning_charlm.checkpointing import SAVED_ON_SIGNAL, Checkpoint
+from lightning_charlm.corpus import found_here
 from lightning_charlm.data import DEFAULT_SPLIT, CharDataModule, check_unit, window_length
 from lightning_charlm.errors import CharLMError, expected_in_words, user_error
 from lightning_charlm.module import GPTLM, CharLM, legacy_options
@@ -289,6 +290,11 @@ class CharLMCLI(LightningCLI):
         ckpt = check_checkpoint(cfg.ckpt_path)
         if cfg.data.path is None and self.config.subcommand != "predict":
             cfg.data.path = corpus_of(ckpt)  # the corpus it was trained on, unless another is named
+            if not found_here(cfg.data.path):
+                raise CharLMError(
+                    f"{cfg.ckpt_path} was trained on --data.path {cfg.data.path}, not found from this folder "
+                    "(a relative path counts from where it was trained): run from there, or pass --data.path"
+                )
         trained = ckpt.get("datamodule_hyper_parameters") or {}
         for key in ("split", "unit"):  # and its split (validate and test score what it held out) and unit
             if cfg.data.get(key) is None:

@@ -165,6 +165,11 @@ def corpus_path(path: str | os.PathLike | None) -> Path:
     return p
 
 
+def found_here(path: str | os.PathLike | None) -> bool:
+    """Whether --data.path can name a corpus from this folder (a pattern is checked when it is read)."""
+    return path is None or is_pattern(path) or Path(path).exists() or str(path) in _known()
+
+
 def is_pattern(path: str | os.PathLike) -> bool:
     """Whether --data.path is a glob pattern (and not a file whose name holds *, ? or [)."""
     return any(c in str(path) for c in "*?[") and not Path(path).exists()

@@ -256,6 +256,14 @@ def test_bad_input(case, work, monkeypatch, capsys, caplog):
     assert snapshot(work) == before  # nothing changed or removed, and nothing new: no run folder, no .tmp
 
 
+def test_a_checkpoints_relative_corpus_path_from_another_folder(work, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # trained in `work` on --data.path corpus.txt
+    with pytest.raises(SystemExit) as exit:
+        main(["validate", "--ckpt_path", str(work / BEST)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "was trained on --data.path corpus.txt, not found from this folder" in err
+
+
 def test_any_utf8_text_and_long_prompts_work(work):
     fit = charlm_main("fit", *TINY, *SHORT, "--data.path", "other.txt", cwd=work)
     assert fit.returncode == 0, fit.stderr
