@@ -359,10 +359,11 @@ class CharLMCLI(LightningCLI):
             conflicts = resume_conflicts(model.class_path, asked_args, model.init_args)
             if conflicts:
                 raise CharLMError(
-                    f"{cfg.ckpt_path} holds a model with other options than this command asks for: "
-                    f"{'; '.join(conflicts)}. The checkpoint's options are the ones it can use: resume with "
-                    f"the run's own config (-c {Path(cfg.ckpt_path).parent.parent / 'config.yaml'}) or drop "
-                    "these options, or start a new run without --ckpt_path"
+                    f"{cfg.ckpt_path} holds a model with other options than this command asks for (on its "
+                    f"command line or in its -c config): {'; '.join(conflicts)}. The checkpoint's options "
+                    "are the ones it can use: resume with the run's own config "
+                    f"(-c {Path(cfg.ckpt_path).parent.parent / 'config.yaml'}) or drop these options, or "
+                    "start a new run without --ckpt_path"
                 )
             for key in RUNTIME_OPTIONS:  # how to run it: the command line's choice stands
                 if key in asked_args:
