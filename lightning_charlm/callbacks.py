@@ -307,7 +307,8 @@ class RunSummary(L.Callback):
 
     def _line(self, trainer: L.Trainer) -> str:
         p, device = self.params, trainer.strategy.root_device.type
-        shape = f" {p['n_layer']} layers x {p['n_embd']}, block {p['block_size']}," if "n_layer" in p else ""
+        layers = f"{p.get('n_layer')} layer{'s' * (p.get('n_layer') != 1)}"
+        shape = f" {layers} x {p['n_embd']}, block {p['block_size']}," if "n_layer" in p else ""
         devices = f"{trainer.world_size} x {device}" if trainer.world_size > 1 else device
         ckpt = trainer.checkpoint_callback
         where = f" -> {trainer.log_dir}" if trainer.logger is not None else " (no logger)"

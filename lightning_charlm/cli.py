@@ -400,7 +400,16 @@ class CharLMCLI(LightningCLI):
             value = config.get(name)
             if value is not None and not valid(value):
                 raise CharLMError(f"--trainer.{name} must be {wanted}, got {value}")
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        fp16 = str(config.get("precision")) in ("16-mixed", "16")
+        if (
+            fp16 and trainer.precision == "bf16-mixed" and trainer.is_global_zero
+        ):  # Lightning's choice off CUDA
+            print(
+                "charlm: note: --trainer.precision 16-mixed is for CUDA GPUs; this run uses bf16-mixed",
+                file=sys.stderr,
+            )
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         self.run_folder: RunFolder | None = None

@@ -132,6 +132,13 @@ def test_early_stopping_says_why_in_its_options_words(tmp_path, corpus):
     assert f"charlm: stopped early at step 10 of 30: {why}\n" in res.stdout
 
 
+def test_fp16_on_a_cpu_says_it_runs_bf16(tmp_path, corpus):
+    fp16 = ["--trainer.precision", "16-mixed"]
+    res = fit(tmp_path, "--data.path", str(corpus), "--trainer.max_steps", "1", *fp16)
+    assert "note: --trainer.precision 16-mixed is for CUDA GPUs; this run uses bf16-mixed" in res.stderr
+    assert "parameters on cpu (bf16-mixed)" in res.stdout
+
+
 def test_a_gpu_sized_model_on_a_cpu_gets_a_note(tmp_path, corpus):
     wide = ["--model.n_layer", "4", "--model.n_embd", "384", "--model.n_head", "6", "--data.batch_size", "2"]
     res = fit(tmp_path, "--data.path", str(corpus), *wide, "--trainer.max_steps", "1")
