@@ -9,8 +9,8 @@ import sys
 
 SUBCOMMANDS = {
     "fit": "train a model, or resume one with --ckpt_path (a file, or `last`)",
-    "validate": "score a checkpoint on the held-out validation part: val/loss, val/ppl, val/bpc",
-    "test": "score a checkpoint on its test part (--data.split [.9,.05,.05]): test/loss, test/ppl, test/bpc",
+    "validate": "score a checkpoint on held-out text: val/loss, val/ppl, val/bpc",
+    "test": "score a checkpoint on its test part (--data.split [.9,.05,.05])",
     "predict": "generate text from a checkpoint alone (--ckpt_path, --data.prompts)",
 }
 
@@ -25,9 +25,10 @@ examples:
   charlm fit -c configs/gpt-cpu.yaml
   charlm fit -c configs/gpt-cpu.yaml --ckpt_path last
   charlm validate --ckpt_path logs/gpt-cpu/version_0/checkpoints/best.ckpt
-  charlm predict --ckpt_path logs/gpt-cpu/version_0/checkpoints/best.ckpt --data.prompts '["ROMEO:"]'
+  charlm predict --ckpt_path logs/gpt-cpu/version_0/checkpoints/best.ckpt \\
+      --data.prompts '["ROMEO:"]'
 
-every option of a subcommand: charlm fit --help (a model's: charlm fit --model.help GPTLM)"""
+every option: charlm fit --help; a model's: charlm fit --model.help GPTLM"""
 
 
 def main(args: list[str] | None = None) -> None:

@@ -117,7 +117,7 @@ PREDICT_ONLY = ("data.prompts", "data.prompts_file", "data.num_samples")
 NOT_PREDICT = tuple(
     f"data.{name}"
     for name in ("path", "unit", "split", "block_size", "val_stride", "val_batch_size", "seed", "on_device")
-) + ("seed_everything",)
+) + ("seed_everything", "trainer.limit_val_batches", "trainer.limit_test_batches")
 NOT_EVALUATE = ("data.seed", "data.batch_size", "data.on_device")  # validate and test: training windows only
 TRAINING_ONLY = (
     "max_steps", "min_steps", "max_time", "val_check_interval", "log_every_n_steps",
@@ -528,6 +528,11 @@ SUBCOMMAND_HELP = {
     "logs/<name>/version_N/checkpoints/last.ckpt of this config's logger name, trained on a corpus of this "
     "file name.",
     "trainer.val_check_interval": "validate every this many optimizer steps (and at the last step).",
+    "trainer.max_steps": "optimizer steps to train; the learning rate decays until then.",
+    "trainer.log_every_n_steps": "write train/loss, lr and train/grad_norm every this many steps (null: 50).",
+    "trainer.gradient_clip_val": "clip the gradients' norm to this (by value with "
+    "--trainer.gradient_clip_algorithm value); 0 turns clipping off.",
+    "trainer.num_sanity_val_steps": "validation batches tried before training (none by default).",
     "checkpoint.dirpath": "where best.ckpt and last.ckpt go (default: the run folder's checkpoints/, or "
     "./checkpoints without a logger). A folder holding another run's checkpoints is refused, unless this run "
     "resumes from one of them; `--ckpt_path last` then means its last.ckpt.",

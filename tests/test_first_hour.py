@@ -179,6 +179,7 @@ def test_help_is_quick_and_says_what_the_options_mean(tmp_path):
     overview = subprocess.run([CHARLM, "--help"], capture_output=True, text=True, timeout=60)
     seconds = time.perf_counter() - start
     assert overview.returncode == 0 and all(f"  {name}  " in overview.stdout for name in SUBCOMMANDS)
+    assert max(len(line) for line in overview.stdout.splitlines()) <= 80  # an 80-column terminal
     assert seconds < 30  # a timing is measured in the note, not asserted; this only catches a hang
     fit_help = charlm_main("fit", "--help", cwd=tmp_path).stdout
     assert "--data.vocab VOCAB" not in fit_help.split("ARG:")[-1] and "[--data.vocab" not in fit_help
