@@ -24,7 +24,10 @@ def load(path: str | Path, device: str | torch.device | None = None) -> CharLM:
     objects is refused, never unpickled. `generate` and `stream` take the fields of GenerationConfig as
     keyword arguments, and give the same text as `charlm predict` for the same seed and precision.
     """
-    device = torch.device(device or "cpu")  # CharLM.load_from_checkpoint checks the file first
+    try:
+        device = torch.device(device or "cpu")  # CharLM.load_from_checkpoint checks the file first
+    except RuntimeError:  # torch's message lists every device type it knows, dozens
+        raise CharLMError(f"device {device!r} is not a device: use 'cpu', 'cuda', 'cuda:1', 'mps'") from None
     present = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not present.get(device.type, True):
         raise CharLMError(f"device {device}: this machine has no {device.type.upper()} device (use 'cpu')")

@@ -302,6 +302,8 @@ def test_the_python_api_stdin_and_one_settings_type(tmp_path, corpus, monkeypatc
     if not torch.cuda.is_available():
         with pytest.raises(CharLMError, match="this machine has no CUDA device"):
             lightning_charlm.load(best, device="cuda")
+    with pytest.raises(CharLMError, match="'gpu' is not a device: use 'cpu', 'cuda'"):
+        lightning_charlm.load(best, device="gpu")
     assert not lm.training and str(next(lm.parameters()).device) == "cpu"
 
 
