@@ -103,6 +103,12 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
             )
         guess = difflib.get_close_matches(option, known, n=1)
         return f"unknown option {option}" + (f" (did you mean {guess[0]}?)" if guess else "")
+    not_a_class = re.search(r"Expected a dot import path string: (\S+)", message)
+    if not_a_class and (key == "--model" or message.startswith("--model.help")):
+        return (
+            f"{key or '--model.help'} {not_a_class.group(1)}: no such model; the models are GPTLM and "
+            "BigramLM (or the dotted path of your own LightningModule, my_package.MyLM)"
+        )
     missing = re.search(r"File does not exist: '(.+)'", message)
     if key == "--config" and missing:
         return f"config file not found: {missing.group(1)}"

@@ -223,6 +223,7 @@ CASES = {
         [*FIT, "--sample.prompt", "🎉"],
         r"--sample\.prompt '🎉' cannot be sampled: .*'🎉' at position 0",
     ),
+    "a model that does not exist": (["fit", "--model", "GPT"], r"--model GPT: no such model; the models are"),
     "early stopping on a metric not validated": (
         [*FIT, "--early_stopping.monitor", "train/foo"],
         r"--early_stopping\.monitor train/foo: not a metric of every validation; choose val/loss, val/ppl",
