@@ -238,6 +238,8 @@ class CharLMCLI(LightningCLI):
         for action in parser._actions:  # Lightning's generic text says little about what they mean here
             if action.dest in SUBCOMMAND_HELP:
                 action.help = SUBCOMMAND_HELP[action.dest]
+            if action.dest == "early_stopping.monitor":  # EarlyStopping's own has no default; charlm's has
+                action.required = False
             elif action.dest in ("data.vocab", "return_predictions"):  # filled in; no use to a command
                 action.help = argparse.SUPPRESS
             elif subcommand != "predict" and (
