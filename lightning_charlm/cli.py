@@ -403,7 +403,7 @@ class CharLMCLI(LightningCLI):
         ):
             config["enable_progress_bar"] = False
         if config.get("enable_progress_bar") is not False:
-            callbacks = [*callbacks, StepProgressBar()]
+            callbacks = [StepProgressBar(), *callbacks]  # first: step N shown before step N's sample
         for name, (valid, wanted) in TRAINER_CHECKS.items():
             value = config.get(name)
             if value is not None and not valid(value):
