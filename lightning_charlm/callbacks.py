@@ -262,13 +262,14 @@ class RunSummary(L.Callback):
         logger = trainer.logger
         if not isinstance(logger, TensorBoardLogger):
             return
-        # The plugin's three summaries (TensorBoardLogger.log_hyperparams would also write a value at step 0);
-        # the metric's values come from the hp/best_val_loss scalars the Checkpoint callback logs.
+        # The plugin's session summaries (TensorBoardLogger.log_hyperparams would also write a value at step
+        # 0), without its "experiment" summary: TensorBoard shows the columns of the first one it finds, so a
+        # bigram run beside GPT runs hid every GPT column; without one it shows every run's hyperparameters,
+        # and every scalar's last value (hp/best_val_loss, from the Checkpoint callback, among them).
         from torch.utils.tensorboard.summary import hparams
 
-        *start, self._end = hparams(self.params, {"hp/best_val_loss": 0.0})
-        for summary in start:
-            logger.experiment._get_file_writer().add_summary(summary)
+        _, start, self._end = hparams(self.params, {"hp/best_val_loss": 0.0})
+        logger.experiment._get_file_writer().add_summary(start)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # "Success" only once training ran to its end (not on a signal, not on a crash): TensorBoard keeps a
@@ -298,7 +299,6 @@ class RunSummary(L.Callback):
             **{k: hp[k] for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "label_smoothing")},
             "parameters": sum(p.numel() for p in pl_module.parameters()),
             "batch_size": dm.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches,
-            "max_steps": trainer.max_steps,
             "precision": str(trainer.precision),
             "corpus": _corpus_name(dm.hparams.path),
             "vocab_size": len(pl_module.tokenizer),
