@@ -292,7 +292,11 @@ class RunSummary(L.Callback):
         hp, dm = pl_module.hparams, trainer.datamodule
         shape = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
         recipe = ("positions", "norm", "mlp", "qk_norm", "zero_init", "tie_head", "optimizer")  # ablated
-        model = {k: hp[k] for k in (*shape, *recipe) if k in hp}
+        # Flags as words: TensorBoard shows a bool as 1 or 0. A bigram's block_size: the windows it trains on.
+        model = {
+            k: str(hp[k]).lower() if isinstance(hp[k], bool) else hp[k] for k in (*shape, *recipe) if k in hp
+        }
+        model.setdefault("block_size", dm.block_size)
         return {
             "model": type(pl_module).__name__,
             **model,

@@ -120,6 +120,7 @@ def test_the_console_a_run_summary_and_the_hparams_tab(tmp_path, corpus, caplog)
     # No "experiment" summary: TensorBoard would show the columns of the first run's only (a bigram's beside
     # GPT runs hid every GPT column); without one it shows the union of every run's, and every scalar.
     assert "_hparams_/experiment" not in ea.PluginTagToContent("hparams")
+    assert hparams["qk_norm"] in ("true", "false")  # a flag in words: TensorBoard shows a bool as 1 or 0
     assert "max_steps" not in hparams  # a resume with more steps would leave it stale (the first is kept)
     for noise in ("GPU available", "Received SIGTERM", "LeafSpec", "Sanity Checking", "Trainable params"):
         assert noise not in caplog.text + res.stdout + res.stderr
