@@ -236,10 +236,10 @@ class CharLMCLI(LightningCLI):
     ) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         for action in parser._actions:  # Lightning's generic text says little about what they mean here
-            if action.dest in SUBCOMMAND_HELP:
-                action.help = SUBCOMMAND_HELP[action.dest]
             if action.dest == "early_stopping.monitor":  # EarlyStopping's own has no default; charlm's has
                 action.required = False
+            if action.dest in SUBCOMMAND_HELP:
+                action.help = SUBCOMMAND_HELP[action.dest]
             elif action.dest in ("data.vocab", "return_predictions"):  # filled in; no use to a command
                 action.help = argparse.SUPPRESS
             elif subcommand != "predict" and (
@@ -308,7 +308,8 @@ class CharLMCLI(LightningCLI):
             if cfg.data.get(key) is None:
                 cfg.data[key] = trained.get(key)
         trained_split = list(trained.get("split") or DEFAULT_SPLIT)  # None: the default, no test part
-        testing = self.config.subcommand == "test" and trained and same_corpus(cfg.data.path, corpus_of(ckpt))
+        same_text = trained and same_corpus(cfg.data.path, corpus_of(ckpt))  # its split is then comparable
+        testing, validating = (same_text and self.config.subcommand == kind for kind in ("test", "validate"))
         seen = unheld_test_text(trained_split, cfg.data.split) if testing else None
         if seen:
             log.warning(
@@ -316,9 +317,6 @@ class CharLMCLI(LightningCLI):
                 "model was %s (it trained with --data.split %s): its test loss is not a held-out figure",
                 *(round(cfg.data.split[2] * 100, 2), list(cfg.data.split), seen, trained_split),
             )
-        validating = (
-            self.config.subcommand == "validate" and trained and same_corpus(cfg.data.path, corpus_of(ckpt))
-        )
         if validating and cfg.data.split and cfg.data.split[0] < trained_split[0] - 1e-9:
             log.warning(
                 "charlm: warning: the validation part (from %g%% of the corpus, --data.split %s) starts in "
@@ -410,9 +408,7 @@ class CharLMCLI(LightningCLI):
                 raise CharLMError(f"--trainer.{name} must be {wanted}, got {value}")
         trainer = super()._instantiate_trainer(config, callbacks)
         fp16 = str(config.get("precision")) in ("16-mixed", "16")
-        if (
-            fp16 and trainer.precision == "bf16-mixed" and trainer.is_global_zero
-        ):  # Lightning's choice off CUDA
+        if fp16 and trainer.precision == "bf16-mixed" and trainer.is_global_zero:  # Lightning's, off CUDA
             print(
                 "charlm: note: --trainer.precision 16-mixed is for CUDA GPUs; this run uses bf16-mixed",
                 file=sys.stderr,
