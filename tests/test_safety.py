@@ -201,12 +201,14 @@ def test_sigterm_during_predict_stops_and_keeps_the_text(stopped_run, tmp_path):
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)
     sent = time.time()
-    out_text, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert time.time() - sent < 10  # stopped at the next token, not after 2 million
     assert proc.returncode == 1 and "Traceback" not in err and "stopped by a signal" in err, err[-2000:]
     assert f"charlm: stopped by a signal: 1 continuation (the last cut short) written to {out}\n" in err
     assert err.count("stopped by a signal") == 1  # one line, after the bar and the text
-    assert "saved" not in out_text + err and not (tmp_path / "checkpoints").exists()  # predict has no state
+    # predict has no state (charlm's own lines only: the sampled text itself may spell "saved")
+    own = [line for line in err.splitlines() if line.startswith("charlm:")]
+    assert not any("saved" in line for line in own) and not (tmp_path / "checkpoints").exists()
     text = out.read_text(encoding="utf-8")
     assert text.startswith("the") and len(text) > 10 and not (tmp_path / "p.txt.tmp").exists()
 
