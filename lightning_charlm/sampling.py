@@ -99,10 +99,10 @@ def pick(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float, t
     return (probs / noise).argmax(-1, keepdim=True), logits.sum()
 
 
-def sample_step(model, token, pos, cache, length, noise, temperature, top_k, top_p):
+def sample_step(model, token, pos, cache, length, noise, temperature, top_k, top_p, slices=1):
     """One token of every row after `token` (B, 1) at `pos` with the cache (GPT.decode_step), sampled with
     `noise` (B, V): fixed shapes and no host sync, so net and sampling compile as one graph."""
-    return pick(model.decode_step(token, pos, cache, length), noise, temperature, top_k, top_p)
+    return pick(model.decode_step(token, pos, cache, length, slices), noise, temperature, top_k, top_p)
 
 
 # One graph for the whole step (fullgraph: a graph break would fail loudly), replayed as a CUDA graph.
@@ -144,6 +144,8 @@ def decode(
     block, slides, vocab = model.block_size, getattr(model, "slides", False), model.vocab_size
     cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
     step_fn = _sample_step(model, compile) if cache is not None else None
+    # Batch 1 on a CPU: each weight's matrix-vector product split across the cores (gpt.add_product)
+    slices = torch.get_num_threads() if idx.device.type == "cpu" and idx.size(0) == 1 else 1
     keep = max(1, block - block // 4)
     start, fed = max(0, idx.size(1) - block), 0  # window start; positions cached since the last prefill
     stop = torch.tensor(stop_ids or [], device=idx.device)
@@ -179,7 +181,9 @@ def decode(
             # `token` (B, 1), the newest, sampled last round: not a view of idx, whose stride grows each
             # round (a new stride would make the compiled step recompile, and CUDA graphs re-record).
             length = None if compile else min(fed + 1, block)
-            token, checksum = step_fn(model, token, pos, cache, length, noise, temperature, top_k, top_p)
+            token, checksum = step_fn(
+                model, token, pos, cache, length, noise, temperature, top_k, top_p, slices
+            )
             if compile:  # the token lives in the CUDA graph's memory, rewritten by the next replay it feeds
                 token = token.clone()
             pos, fed = pos + 1, fed + 1  # a new tensor: a CUDA graph may still hold the old one

@@ -221,3 +221,43 @@ def test_the_static_cache_and_the_compiled_step_decode_as_the_uncached_net(monke
     sampled = seeded(generator=gen())
     assert torch.equal(seeded(generator=gen(), compile=True), sampled)
     assert torch.equal(seeded(generator=gen(), use_cache=False), sampled)
+
+
+@pytest.mark.parametrize(
+    "parts", [{}, {"positions": "rope", "qk_norm": True, "mlp": "swiglu", "norm": "rmsnorm"}]
+)
+def test_batch_one_on_a_cpu_splits_each_weight_across_the_cores_and_decodes_the_same(monkeypatch, parts):
+    """At batch 1 on a CPU each weight's rows are cut into one slice per core (gpt.add_product): the step's
+    logits equal the unsliced ones for any count of slices (3: some weights do not divide and stay whole),
+    and greedy tokens equal the uncached net's through window slides, eager and compiled."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, **parts)
+    model, idx = GPT(cfg).eval(), torch.randint(11, (1, 5))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(idx, cache=cache)
+        token, pos, kv = idx[:, -1:], torch.tensor([5]), cache.kv.clone()
+        logits = {}
+        for slices in (1, 2, 3, 4):
+            cache.kv.copy_(kv)
+            logits[slices] = model.decode_step(token, pos, cache, 6, slices)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # training samples under bf16-mixed
+            cache = model.new_cache()
+            model(idx, cache=cache)
+            kv, mixed = cache.kv.clone(), []
+            for slices in (1, 2):
+                cache.kv.copy_(kv)
+                mixed.append(model.decode_step(token, pos, cache, 6, slices).float())
+    for slices in (2, 3, 4):
+        torch.testing.assert_close(logits[slices], logits[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1], mixed[0], rtol=0.02, atol=0.02)
+    plain = generate(model, idx, 60, temperature=0, use_cache=False)
+    threads = torch.get_num_threads()
+    try:
+        for cores in (1, 2, 4):  # decode() slices as many times as torch has threads
+            torch.set_num_threads(cores)
+            assert torch.equal(generate(model, idx, 60, temperature=0), plain)
+        monkeypatch.setattr("lightning_charlm.sampling.COMPILE", {"backend": "aot_eager", "fullgraph": True})
+        assert torch.equal(generate(model, idx, 60, temperature=0, compile=True), plain)
+    finally:
+        torch.set_num_threads(threads)

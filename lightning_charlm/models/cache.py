@@ -23,15 +23,25 @@ class KVCache:
             B, H, _, hd = k.shape
             self.kv = k.new_zeros((self.n_layer, B, 2, H, self.block_size, hd))
             torch._dynamo.mark_static_address(self.kv)  # fixed address: CUDA graphs update it in place
+            # each layer's views, made once: an eager decode step's small ops cost more than their work
+            self.layers = list(self.kv)
+            self.keys, self.values = [kv[:, 0] for kv in self.layers], [kv[:, 1] for kv in self.layers]
         end = self.pos + k.size(2)
         kv = self.kv[layer]
         kv[:, 0, :, self.pos : end] = k
         kv[:, 1, :, self.pos : end] = v
         return kv[:, 0, :, :end], kv[:, 1, :, :end]
 
-    def write(self, layer: int, slot: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, slot: torch.Tensor, kv: torch.Tensor, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one position's keys and values, kv (B, 2, H, 1, hd), in `slot` (a 1-element tensor); return
-        the layer's keys and values, each (B, H, block_size, hd)."""
-        cached = self.kv[layer]
-        cached.index_copy_(3, slot, kv)
-        return cached[:, 0], cached[:, 1]
+        the layer's keys and values, each (B, H, block_size, hd), or only the first `length` slots (eager
+        decoding: the unfilled rest would be memory traffic). Without `length` (a compiled step, fixed
+        shapes) the views are taken in the graph, from `kv` itself, whose address CUDA graphs know."""
+        if length is None:
+            cached = self.kv[layer]
+            cached.index_copy_(3, slot, kv)
+            return cached[:, 0], cached[:, 1]
+        self.layers[layer].index_copy_(3, slot, kv)
+        return self.keys[layer][:, :, :length], self.values[layer][:, :, :length]
