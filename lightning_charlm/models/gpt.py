@@ -114,14 +114,14 @@ def add_product(
     """x + weight @ h (without x: weight @ h), h (K, B), in one op (a decode step's ops are its cost); under
     autocast the product comes out in bf16 and the residual stream stays in float32, as in forward.
 
-    With `slices` > 1 (GPT.decode_step at batch 1 on a CPU) the weight's rows are cut into that many slices,
-    multiplied as one batched product, a slice per core: MKL runs a matrix-vector product on one core,
-    which streams the weight at half the speed two do (2-core test machine: the net's 24 block weights in
-    ~3.3 ms instead of ~5; no gain at batch 16, a compute-bound product). h goes in as the transpose of a
-    (1, K) row: with the strides of a (K, 1) column, bmm takes a slow path (~3x slower)."""
+    With `slices` > 1 and one column (GPT.decode_step at batch 1 on a CPU) the weight's rows are cut into
+    that many slices and multiplied as one batched product, a slice per core: here (MKL 2024.2, AMD EPYC)
+    MKL runs a matrix-vector product on one core, which streams the weight at about half the speed two do
+    (the 2-core test machine: every weight of configs/gpt.yaml's net in 3.2 ms a token instead of 5.1; at
+    batch 16 no gain). Every slice reads h through one view with strides (0, 1, K): with the strides a
+    (K, 1) column gets, (1, 1), bmm takes a path ~3x slower."""
     M, K = weight.shape
-    if slices > 1 and M % slices == 0:
-        # every slice reads the same K numbers of h: one view with a batch stride of 0
+    if slices > 1 and h.size(1) == 1 and M % slices == 0:
         w, hs = weight.view(slices, M // slices, K), h.contiguous().as_strided((slices, K, 1), (0, 1, K))
         if x is None or torch.is_autocast_enabled(h.device.type):
             y = torch.bmm(w, hs).view(M, 1)
@@ -214,11 +214,13 @@ class GPT(nn.Module):
         device, < 2 * block_size; slot pos % block_size), with the cache holding the positions before it.
         Without `length` every shape is the same at every position and nothing waits for the host, so the
         step can be compiled (fullgraph) and captured as a CUDA graph; eager callers pass the number of
-        filled slots (at most block_size) to attend to those only.
+        filled slots (at most block_size) to attend to those only, and at batch 1 on a CPU `slices`, the
+        number of cores, to split each weight's product across them (add_product).
 
         A step of this small net is bound by reading the weights and by the cost of each op, not by
-        arithmetic: on a CPU every op after a weight's GEMM starts from caches the weights have flushed, so
-        the step is written with as few ops as it can (Block.decode). The residual stream runs transposed,
+        arithmetic: on the 2-core test machine the step of a 12-wide net (the same ~210 ops, next to no
+        work) takes ~1.5 ms, so the step is written with as few ops as it can (Block.decode; the cache's
+        views are made once). The residual stream runs transposed,
         (C, B), as weight @ activations: on the 2-core test machine that GEMM is ~30% faster at batch 16
         than activations @ weight.T (the same at batch 1)."""
         x, rope = self.wte(token[:, 0]), None  # (B, C)
