@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,7 +182,11 @@ def test_ctrl_c_twice_leaves_a_valid_last_checkpoint(delay, tmp_path, corpus):
 def test_ctrl_c_while_importing_is_one_line(tmp_path):
     """A Ctrl-C in the first seconds, while torch and Lightning import, ends like a later one."""
     proc = subprocess.Popen([CHARLM, "fit"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # Python is up (a signal before it would kill it silently); the imports take seconds
+    # Sent once torch's library is mapped: charlm's handler is in place (it is set before the imports
+    # begin) and the imports go on for seconds. A fixed wait could fall before it on a busy machine.
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + 60
+    while time.time() < deadline and proc.poll() is None and "libtorch" not in maps.read_text():
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "charlm: interrupted", err[-2000:]
