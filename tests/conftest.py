@@ -1,11 +1,14 @@
 """Shared fixtures: the tiny Shakespeare copy beside the repo, small corpora, and the real console script."""
 
+import atexit
 import contextlib
 import io
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,10 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "CHARLM_DATA_DIR" not in os.environ and (SHARED_DATA / "tinyshakespeare.txt").is_file():
     os.environ["CHARLM_DATA_DIR"] = str(SHARED_DATA)
+# The suite's caches (records of checked files, prepared token files) in a folder of its own, removed at the
+# end: never the user's ~/.cache, which may be read-only or hold a real cache the tests would disturb.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="charlm-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 CHARLM = str(Path(sys.executable).with_name("charlm"))  # the installed console script of this environment
 
 

@@ -32,6 +32,18 @@ class HangAtStep(L.Callback):
             time.sleep(1)
 
 
+class MarkAtStep(L.Callback):
+    """Writes the file `path` once `step` optimizer steps are done: the test outside knows the run is
+    training (every signal handler in place) without guessing how long start-up takes."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step and not os.path.exists(self.path):
+            Path(self.path).write_text(str(trainer.global_step))
+
+
 class SlowSteps(L.Callback):
     """Sleeps after each step, so a signal reliably lands mid-run."""
 

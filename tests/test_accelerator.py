@@ -153,17 +153,15 @@ def test_compiled_and_eager_training_agree():
     assert compiled == pytest.approx(eager, abs=1e-4)
 
 
-def _fsdp_clip(rank: int, port: int, results) -> None:
+def _fsdp_clip(rank: int, rendezvous: str, results) -> None:
     """One rank of a 2-process gloo group: clip an FSDP-sharded GPT with the module's clipping function."""
-    import os
-
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     from lightning_charlm.module import clip_grad_norm
 
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a file, not a free port: a port found free can be taken by another process before the group binds it
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     torch.manual_seed(0)
     net = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
     reference = GPT(net.cfg)
@@ -182,17 +180,12 @@ def _fsdp_clip(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-def test_clipping_under_fsdp_uses_the_global_norm():
+def test_clipping_under_fsdp_uses_the_global_norm(tmp_path):
     """Lightning refuses FSDP on a CPU, so the clipping function is run below it, on 2 gloo processes."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_fsdp_clip, args=(port, results), nprocs=2)
+    mp.spawn(_fsdp_clip, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
     for rank in (0, 1):
         before, full, after = results[rank]
         assert before == pytest.approx(full, rel=1e-4)  # every rank saw the norm of the whole gradient

@@ -174,7 +174,8 @@ def test_last_picks_a_run_of_the_same_corpus_and_a_checkpoint_knows_its_corpus(t
     assert "val/loss" in res.stdout
 
 
-def test_help_is_quick_and_says_what_the_options_mean(tmp_path):
+def test_help_is_quick_and_says_what_the_options_mean(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal: the line counts below assume 80
     assert set(SUBCOMMANDS) == set(CharLMCLI.subcommands())  # the fast overview cannot drift from the CLI
     start = time.perf_counter()
     overview = subprocess.run([CHARLM, "--help"], capture_output=True, text=True, timeout=60)

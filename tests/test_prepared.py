@@ -4,6 +4,7 @@ The tests lower the size threshold and the read size, so small generated files t
 import json
 import logging
 import os
+import time
 
 import pytest
 import torch
@@ -88,6 +89,7 @@ def test_a_damaged_cache_is_rebuilt_never_trained_on(big, tmp_path, damage, capl
     vocab, ids = splits(big)
     (ids_file,) = prepared_files(tmp_path)
     raw, st = bytearray(ids_file.read_bytes()), ids_file.stat()
+    time.sleep(0.05)  # past the kernel's timestamp tick (a few ms before Linux 6.13): a new ctime
     if damage == "truncated":
         ids_file.write_bytes(raw[:-100])
     elif damage.startswith("one byte changed"):

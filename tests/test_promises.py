@@ -1,6 +1,7 @@
 """README promises that had no test: training mechanics (schedule, weight decay, label smoothing, logged
 metrics), sampling that leaves training alone, predict's options, generation equivalences, the download."""
 
+import json
 import math
 import re
 import shutil
@@ -130,9 +131,12 @@ def test_predict_options_through_the_cli(trained, tmp_path):
     assert texts == records(tmp_path / "b.txt", sizes)  # same seed, same text
     assert [t[:8] for t in texts[:2]] == ["the king"] * 2 and [t[:7] for t in texts[2:]] == ["my lord"] * 2
     assert texts[0] != texts[1]  # the two samples of one prompt differ
-    stop = charlm_main(*base, "--generate.stop", "e", "--writer.output", "s.txt", cwd=tmp_path)
-    assert stop.returncode == 0, stop.stderr
-    for full, cut in zip(texts, (tmp_path / "s.txt").read_text(encoding="utf-8").split("\n\n"), strict=False):
+    stop = ["--generate.stop", "e", "--writer.format", "jsonl"]  # jsonl: a cut text may hold blank lines
+    res = charlm_main(*base, *stop, "--writer.output", "s.jsonl", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = (tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()
+    cuts = [record["prompt"] + record["text"] for record in map(json.loads, lines)]
+    for full, cut in zip(texts, cuts, strict=True):
         prompt = full[:8] if full.startswith("the") else full[:7]
         continuation = full[len(prompt) :]
         end = continuation.index("e") + 1 if "e" in continuation else len(continuation)

@@ -17,7 +17,7 @@ from lightning_charlm.cli import main
 from tests.conftest import CHARLM, charlm_main, make_corpus, run_charlm
 from tests.test_cli import TINY, scalars
 from tests.test_errors import snapshot
-from tests.test_resume import ENV, callbacks
+from tests.test_resume import ENV, callbacks, several_callbacks
 
 STEPS = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "10", "--sample.every_n_steps", "1000"]
 
@@ -116,9 +116,10 @@ def test_refused_or_interrupted_fresh_run_leaves_no_folder(tmp_path, corpus, mon
 
 
 def test_a_second_process_cannot_write_a_run_folder_in_use(stopped_run, tmp_path):
-    run = shutil.copytree(stopped_run, tmp_path / "run")
+    run, mark = shutil.copytree(stopped_run, tmp_path / "run"), tmp_path / "training"
     args = ["fit", *TINY, "--data.path", "corpus.txt", *STEPS, "--ckpt_path", "last"]
-    slow = callbacks("SlowSteps", seconds=2)  # 20 steps to go: it holds the folder for 40 s
+    # 20 steps to go: it holds the folder for 40 s
+    slow = several_callbacks(("SlowSteps", {"seconds": 2}), ("MarkAtStep", {"step": 21, "path": str(mark)}))
     first = subprocess.Popen(
         [CHARLM, *args, *slow], cwd=run, env=os.environ | ENV, stderr=subprocess.PIPE, text=True
     )
@@ -130,7 +131,9 @@ def test_a_second_process_cannot_write_a_run_folder_in_use(stopped_run, tmp_path
         second = charlm_main(*args, cwd=run)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"in use by another charlm process (PID {first.pid})" in second.stderr
-    finally:
+    finally:  # stopped once it trains (a SIGTERM before Lightning's handler is set would kill it)
+        while time.time() < deadline + 60 and first.poll() is None and not mark.exists():
+            time.sleep(0.2)
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
     last = torch.load(run / "logs/charlm/version_0/checkpoints/last.ckpt", weights_only=True)
