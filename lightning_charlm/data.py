@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,15 +118,28 @@ class StridedWindows(Dataset):
         return x, y
 
 
+def sample_numbers(prompts: list[str]) -> list[int]:
+    """Which sample of its prompt each one is (0 the first): its count of equal prompts before it."""
+    seen: Counter[str] = Counter()
+    numbers = []
+    for prompt in prompts:
+        numbers.append(seen[prompt])
+        seen[prompt] += 1
+    return numbers
+
+
 class Prompts(Dataset):
+    """(prompt, which sample of it) pairs: the number makes copies of a prompt differ, wherever they land
+    (batch, rank), and is counted here, over every prompt, before the ranks take their shares."""
+
     def __init__(self, prompts: list[str]):
-        self.prompts = prompts
+        self.prompts, self.samples = prompts, sample_numbers(prompts)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def __getitem__(self, i: int) -> str:
-        return self.prompts[i]
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return self.prompts[i], self.samples[i]
 
 
 def _free_cuda_memory(device: torch.device) -> int:
@@ -410,7 +424,8 @@ class CharDataModule(L.LightningDataModule):
         return self._prompts
 
     def predict_dataloader(self) -> DataLoader:
-        # Batches of prompt strings: the LightningModule encodes them with its own (checkpoint) vocabulary.
+        # Batches of (prompt, sample) pairs: the LightningModule encodes the prompts with its own
+        # (checkpoint) vocabulary.
         return DataLoader(
             self._shard(Prompts(self.prompt_list())), batch_size=self.hparams.batch_size, collate_fn=list
         )

@@ -239,18 +239,18 @@ class CharLM(L.LightningModule):
             if self.generation.temperature > 0:  # greedy decoding draws nothing: no seed to repeat
                 rank_zero_info(f"sampling seed {seed} (--generate.seed {seed} repeats this output)")
 
-    def predict_step(self, prompts: list[str], batch_idx: int) -> list[dict[str, Any]]:
-        """One record per prompt: the prompt, its continuation, and the settings (with the run's seed)."""
-        # Each batch of each rank its own stream, reproducible from the run's seed.
-        seed = (self.generation.seed + batch_idx * self.trainer.world_size + self.global_rank) % 2**64
-        settings, stop = replace(self.generation, seed=seed), self.interrupted.is_set
+    def predict_step(self, batch: list[tuple[str, int]], batch_idx: int) -> list[dict[str, Any]]:
+        """One record per (prompt, sample) of the batch: the prompt, its continuation, and the settings
+        (with the run's seed). A continuation's noise comes from the seed, its prompt and sample number
+        only (sampling.row_seed): the same text whatever the batch size, the other prompts or the rank."""
+        prompts, samples = [p for p, _ in batch], [n for _, n in batch]
+        settings, stop = self.generation, self.interrupted.is_set
         if self.stream_to is not None and len(prompts) == 1:  # one prompt on a terminal: text as it comes
             self.stream_to(prompts[0])
-            texts = [
-                "".join(self.stream_to(piece) or piece for piece in self.stream(prompts[0], settings, stop))
-            ]
+            pieces = self.stream(prompts[0], settings, stop, sample=samples[0])
+            texts = ["".join(self.stream_to(piece) or piece for piece in pieces)]
         else:
-            texts = self.generate(prompts, settings, stop, progress=self.progress_to)
+            texts = self.generate(prompts, settings, stop, progress=self.progress_to, samples=samples)
         record = asdict(self.generation) | ({"seed": None} if self.generation.temperature == 0 else {})
         return [{"prompt": p, "text": t, **record} for p, t in zip(prompts, texts, strict=True)]
 
@@ -260,21 +260,27 @@ class CharLM(L.LightningModule):
         settings: GenerationConfig | None = None,
         interrupted: Callable[[], bool] | None = None,
         progress: Callable[[int], None] | None = None,
+        samples: list[int] | None = None,
         **overrides: Any,
     ) -> str | list[str]:
         """The continuation of a prompt (a list for a list of prompts), in eval mode.
 
         `settings` default to the module's own (`self.generation`: --generate.* on the command line); keyword
         arguments override single fields: `lm.generate("ROMEO:", max_new_tokens=200, seed=1)`. `progress`,
-        if given, is called with the number of characters each step of generation adds."""
+        if given, is called with the number of characters each step of generation adds. With a seed, each
+        prompt's text depends on the seed, the prompt and which of its repeats it is (`samples`; by default
+        counted in the list) only."""
         if not isinstance(prompts, str) and not (
             isinstance(prompts, list | tuple) and all(isinstance(p, str) for p in prompts)
         ):
             raise CharLMError(f"generate takes a prompt (a str) or a list of them, got {prompts!r:.80}")
         settings = replace(settings or self.generation, **overrides)
         with self._eval():
-            texts = sample_text(self.net, self.tokenizer, [prompts] if isinstance(prompts, str) else prompts,
-                                settings, interrupted=interrupted, progress=progress)  # fmt: skip
+            listed = [prompts] if isinstance(prompts, str) else list(prompts)
+            texts = sample_text(
+                self.net, self.tokenizer, listed, settings, interrupted=interrupted, progress=progress,
+                samples=samples,
+            )  # fmt: skip
         return texts[0] if isinstance(prompts, str) else texts
 
     def stream(
@@ -282,17 +288,19 @@ class CharLM(L.LightningModule):
         prompt: str,
         settings: GenerationConfig | None = None,
         interrupted: Callable[[], bool] | None = None,
+        sample: int = 0,
         **overrides: Any,
     ) -> Iterator[str]:
-        """The continuation of `prompt`, a character at a time as it is generated; joined, it is the text
-        `generate` gives for the same settings."""
+        """The continuation of `prompt` (its `sample`-th, 0 the first), a character at a time as it is
+        generated; joined, it is the text `generate` gives for the same settings."""
         if not isinstance(prompt, str):
             raise CharLMError(
                 f"stream continues one prompt, a str (generate takes a list), got {prompt!r:.80}"
             )
         settings = replace(settings or self.generation, **overrides)
         with self._eval():
-            yield from stream_text(self.net, self.tokenizer, prompt, settings, interrupted=interrupted)
+            net, tokenizer = self.net, self.tokenizer
+            yield from stream_text(net, tokenizer, prompt, settings, interrupted=interrupted, sample=sample)
 
     @contextlib.contextmanager
     def _eval(self):

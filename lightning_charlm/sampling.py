@@ -3,12 +3,14 @@ and GenerationConfig, the settings that `charlm predict`, SampleText and the Pyt
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lightning_charlm.data import sample_numbers
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import CharTokenizer
 
@@ -120,7 +122,7 @@ def decode(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     use_cache: bool = True,
     stop_ids: list[int] | None = None,
     interrupted: Callable[[], bool] | None = None,
@@ -165,7 +167,12 @@ def decode(
         if temperature > 0:
             if step % NOISE_ROUNDS == 0:  # Exp(1), clamped above 0: a 0 would make probs / noise nan
                 draws = torch.empty(NOISE_ROUNDS, rows, vocab, device=idx.device)
-                draws.exponential_(generator=generator).clamp_min_(torch.finfo(draws.dtype).tiny)
+                if isinstance(generator, list):  # a stream per row: its text owes nothing to the others
+                    for row, row_generator in zip(draws.unbind(1), generator, strict=True):
+                        row.exponential_(generator=row_generator)
+                else:
+                    draws.exponential_(generator=generator)
+                draws.clamp_min_(torch.finfo(draws.dtype).tiny)
             noise = draws[step % NOISE_ROUNDS]
         window = idx[:, start:]
         if cache is None or fed == 0:  # no cache, or a prefill of the whole window
@@ -214,14 +221,21 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *args, **
     return torch.cat([idx, *decode(model, idx, max_new_tokens, *args, **kwargs)], dim=1)
 
 
+def row_seed(seed: int, prompt: str, sample: int) -> int:
+    """The seed of one continuation: of the run's seed, the prompt and which of its samples (0 the first)
+    it is, and nothing else, so a prompt's text is the same whatever other prompts, batches or ranks there
+    are. A digest of all three: Python's hash() of an int wraps at 2**61 - 1 (and maps -1 to -2)."""
+    text = f"{seed}|{sample}|{prompt}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
 def _prepare(model, tokenizer, prompts, settings: GenerationConfig, use_cache, interrupted):
-    """The encoded prompts (an empty one starts from a newline, on the model's device) and `steps(idx)`:
-    `decode` of idx with the settings, a generator seeded from settings.seed and the prompts' length (None:
-    unseeded) and the stop string's ids."""
+    """The encoded prompts (an empty one starts from a newline, on the model's device) and
+    `steps(idx, rows)`: `decode` of idx with the settings, the stop string's ids and, with a seed, a
+    generator per row seeded from (settings.seed, prompt, sample) of `rows`."""
     s = settings
     check_settings(s.temperature, s.top_k, s.top_p, len(tokenizer))
     device = next(model.parameters()).device
-    generator = None if s.seed is None else torch.Generator(device=device)  # seeded in steps()
     encoded = [
         (tokenizer.encode(p).long() if p else torch.tensor([tokenizer.start_id])).to(device) for p in prompts
     ]
@@ -230,12 +244,12 @@ def _prepare(model, tokenizer, prompts, settings: GenerationConfig, use_cache, i
     except CharLMError as err:
         raise CharLMError(f"the stop string {s.stop!r} cannot be generated: {err}") from None
 
-    def steps(idx: torch.Tensor) -> Iterator[torch.Tensor]:
-        if generator is not None:  # a seed per prompt length (hash of two ints: the same in every process),
-            # so asking for more tokens extends each text, whatever other prompts there are
-            generator.manual_seed(hash((s.seed, idx.size(1))) % 2**64)
+    def steps(idx: torch.Tensor, rows: list[tuple[str, int]]) -> Iterator[torch.Tensor]:
+        generators = None
+        if s.seed is not None:  # asking for more tokens extends each text: the noise comes 64 tokens a round
+            generators = [torch.Generator(device=device).manual_seed(row_seed(s.seed, *r)) for r in rows]
         return decode(
-            model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator, use_cache, stop_ids,
+            model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, generators, use_cache, stop_ids,
             interrupted, s.compile,
         )  # fmt: skip
 
@@ -249,12 +263,13 @@ def stream_text(
     settings: GenerationConfig,
     use_cache: bool = True,
     interrupted: Callable[[], bool] | None = None,
+    sample: int = 0,
 ) -> Iterator[str]:
-    """The continuation of one prompt, a character at a time as it is generated, ending after `stop`. Joined,
-    it is sample_text's text for the same settings."""
+    """The continuation of one prompt (its `sample`-th, 0 the first), a character at a time as it is
+    generated, ending after `stop`. Joined, it is sample_text's text for the same settings."""
     encoded, steps = _prepare(model, tokenizer, [prompt], settings, use_cache, interrupted)
     text, decode = "", tokenizer.stream_decoder()
-    for token in steps(encoded[0][None]):
+    for token in steps(encoded[0][None], [(prompt, sample)]):
         piece = decode(token[0])
         text += piece
         yield piece
@@ -272,20 +287,24 @@ def sample_text(
     use_cache: bool = True,
     interrupted: Callable[[], bool] | None = None,
     progress: Callable[[int], None] | None = None,
+    samples: list[int] | None = None,
 ) -> list[str]:
     """Continuations (without the prompt) of each prompt, cut after `settings.stop` if given; `progress` is
-    called with the number of characters each step adds.
+    called with the number of characters each step adds. `samples`: which sample of its prompt each one is
+    (row_seed); by default its count of earlier equal prompts in the list, so repeats differ.
 
     Prompts are batched by length: learned absolute positions make left-padding incorrect, and equal
     lengths keep every row's window in step.
     """
     encoded, steps = _prepare(model, tokenizer, prompts, settings, use_cache, interrupted)
+    if samples is None:
+        samples = sample_numbers(prompts)
     stop, out = settings.stop, [""] * len(prompts)
     for length in sorted({len(e) for e in encoded}):
         rows = [i for i, e in enumerate(encoded) if len(e) == length]
         idx = torch.stack([encoded[i] for i in rows])
         tokens = []
-        for token in steps(idx):
+        for token in steps(idx, [(prompts[i], samples[i]) for i in rows]):
             tokens.append(token)
             if progress is not None:
                 progress(len(rows))

@@ -111,6 +111,32 @@ def records(path, prompts_and_lengths) -> list[str]:
     return out
 
 
+def test_a_continuation_depends_on_the_seed_its_prompt_and_sample_only(trained, tmp_path):
+    """A record's text is repeated by its seed whatever the batch size, the prompts around it or the way
+    it is asked for (predict, the Python API): its noise is seeded from (seed, prompt, sample number)."""
+    import lightning_charlm
+
+    settings = ["--generate.max_new_tokens", "25", "--generate.seed", "5", "--writer.format", "jsonl"]
+    prompts = ["--data.prompts", '["the king", "my lord", "my lord"]']
+    files = {}
+    for batch in ("1", "2", "64"):
+        out = tmp_path / f"b{batch}.jsonl"
+        args = ["predict", "--ckpt_path", str(trained), *prompts, *settings, "--data.batch_size", batch]
+        res = charlm_main(*args, "--writer.output", str(out), cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        files[batch] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert files["1"] == files["2"] == files["64"]
+    texts = [r["text"] for r in files["1"]]
+    assert texts[1] != texts[2] and {r["seed"] for r in files["1"]} == {5}  # two samples of "my lord"
+    lm = lightning_charlm.load(trained)
+    kw = {"max_new_tokens": 25, "seed": 5, "temperature": 0.8}
+    assert lm.generate("my lord", **kw) == texts[1]  # alone, at any position: the same text
+    assert lm.generate(["my lord", "the king", "my lord"], **kw) == [texts[1], texts[0], texts[2]]
+    # Seeds Python's hash() folds together (-1 and -2; 7 and 2**61 + 6, equal modulo 2**61 - 1) stay apart.
+    seeds = (-1, -2, 7, 2**61 + 6, 2**64 - 1)
+    assert len({lm.generate("my lord", **(kw | {"seed": s})) for s in seeds}) == len(seeds)
+
+
 def test_predict_options_through_the_cli(trained, tmp_path):
     (tmp_path / "prompts.txt").write_text("the king\nmy lord\n", encoding="utf-8")
     base = [
