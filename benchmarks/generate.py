@@ -125,7 +125,8 @@ def main() -> None:
         chain = f"{device:>6} floor: weight GEMV chain"
         print(f"{chain} (F.linear) {linear * 1e3:.2f} ms/token = {1 / linear:.0f} tok/s")
         if device == "cpu":
-            split = f"each weight in {torch.get_num_threads()} row slices, one per core"
+            n = torch.get_num_threads()
+            split = f"each weight's rows in {n} slices, one per core" if n > 1 else "one thread: unsplit"
             print(f"{chain} as decode runs it ({split}) {sliced * 1e3:.2f} ms/token = {1 / sliced:.0f} tok/s")
         if (1, "cache") in rates:
             cached = rates[1, "cache"][0]

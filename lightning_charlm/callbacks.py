@@ -152,9 +152,11 @@ class StepProgressBar(RichProgressBar):
             self._shown_at = time.monotonic()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        # Every prompt of the batch done, those a stop string ended early included.
+        # Every prompt of the batch done, those a stop string ended early included; a batch a signal cut
+        # short keeps the count it reached (the bar must not say 100% of what was never generated).
         self._prompts += len(batch)
-        self._chars = self._prompts * pl_module.generation.max_new_tokens
+        if not pl_module.interrupted.is_set():
+            self._chars = self._prompts * pl_module.generation.max_new_tokens
         self._update(self.predict_progress_bar_id, self._chars)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

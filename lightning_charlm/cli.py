@@ -495,8 +495,12 @@ class CharLMCLI(LightningCLI):
     def before_predict(self) -> None:
         # Every prompt is checked before any is generated: a bad one in a later batch would otherwise fail
         # after minutes of work, and the earlier continuations would be lost with it.
-        for prompt in self.datamodule.prompt_list():
-            self.model.tokenizer.encode(prompt)
+        for prompt in dict.fromkeys(self.datamodule.prompt_list()):  # each once, num_samples copies aside
+            try:
+                self.model.tokenizer.encode(prompt)
+            except CharLMError as err:  # which prompt, among many in a file
+                shown = repr(prompt) if len(prompt) <= 40 else f"{prompt[:37]!r}..."
+                raise CharLMError(f"prompt {shown}: {err}") from None
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False has no subcommand

@@ -202,7 +202,8 @@ class CharDataModule(L.LightningDataModule):
             val_batch_size: validation windows per batch (per device).
             seed: seeds the training windows (offset by the global rank, so ranks differ).
             vocab: set from the corpus or the checkpoint; not an option to give.
-            prompts: predict: texts to continue (a list: '["ROMEO:", "JULIET:"]').
+            prompts: predict: texts to continue (a list: '["ROMEO:", "JULIET:"]'); with neither
+                prompts nor prompts_file, one empty prompt: text from a newline.
             prompts_file: predict: a UTF-8 file, one prompt per line; `-` reads them from stdin.
             num_samples: predict: continuations per prompt.
             split: the corpus's contiguous parts: training and validation ([0.9, 0.1], the default), or

@@ -62,7 +62,7 @@ def test_predict_checks_every_prompt_before_generating(tmp_path, corpus, monkeyp
     with pytest.raises(SystemExit) as exit:
         main([*args, "--writer.output", "p.txt"])
     out, err = capsys.readouterr()
-    assert exit.value.code == 2 and "'?' at position 3" in err
+    assert exit.value.code == 2 and "prompt 'the?': characters not in" in err and "'?' at position 3" in err
     assert "the" not in out and not list(tmp_path.glob("p.txt*"))  # nothing generated, no file left
 
 
