@@ -4,8 +4,10 @@ printed without importing torch or Lightning, which take seconds; everything els
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
+from contextlib import contextmanager
 
 SUBCOMMANDS = {
     "fit": "train a model, or resume one with --ckpt_path (a file, or `last`)",
@@ -42,10 +44,43 @@ def main(args: list[str] | None = None) -> None:
     # A Ctrl-C while torch and Lightning import (seconds) ends at once, as a later one does: an exception
     # raised inside an import can leave a module half made and surface as another error's traceback.
     signal.signal(signal.SIGINT, _interrupted_while_importing)
-    from lightning_charlm.cli import main as run
+    with _unused_packages_left_out():
+        from lightning_charlm.cli import main as run
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     run(args)
+
+
+# Lightning imports torchmetrics, whose package import also imports these wherever they are installed, for
+# text and image metrics charlm never computes: on the H100 image where they were measured, 11.3 s of 13.2 s
+# of imports; and a torchvision built for another torch fails that import outright ("operator
+# torchvision::nms does not exist"). CHARLM_IMPORT_ALL=1 imports them as usual (a module of your own that
+# needs torchmetrics' BERTScore or LPIPS, say).
+LEFT_OUT = ("transformers", "torchvision")
+
+
+@contextmanager
+def _unused_packages_left_out():
+    """While charlm imports Lightning: the optional-package checks of lightning_utilities, which torchmetrics
+    reads before importing one, answer "not installed" for LEFT_OUT. Each check keeps its answer."""
+    if os.environ.get("CHARLM_IMPORT_ALL") == "1":
+        yield
+        return
+    from lightning_utilities.core.imports import RequirementCache
+
+    check = RequirementCache._check_available
+
+    def leave_out(self) -> None:
+        name = re.match(r"[\w.-]*", self.requirement or self.module or "").group(0)
+        if not hasattr(self, "available") and name.split(".")[0] in LEFT_OUT:
+            self.available, self.message = False, f"{name}: left out by charlm (CHARLM_IMPORT_ALL=1 keeps it)"
+        check(self)
+
+    RequirementCache._check_available = leave_out
+    try:
+        yield
+    finally:
+        RequirementCache._check_available = check
 
 
 def _interrupted_while_importing(signum, frame) -> None:

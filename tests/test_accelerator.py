@@ -2,6 +2,9 @@
 training split on the run's device. A crash on one of these branches must fail here, not on a user's GPU."""
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -11,13 +14,37 @@ from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_charlm import GPTLM, CharDataModule
 from lightning_charlm.models import GPT, GPTConfig
-from tests.conftest import run_charlm
+from tests.conftest import CHARLM, run_charlm
 from tests.test_cli import TINY, scalars
 from tests.test_resume import ENV, callbacks
 
 
+def gpu_image_packages(folder: Path) -> dict:
+    """Stand-ins for transformers and torchvision, installed as a GPU image has them, that fail when imported
+    (as a torchvision built for another torch does): the env that puts them on the import path."""
+    for name, version in (("transformers", "4.46.0"), ("torchvision", "0.21.0")):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(f"raise RuntimeError('{name} was imported')\n")
+        (folder / f"{name}-{version}.dist-info").mkdir()
+        (folder / f"{name}-{version}.dist-info" / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        )
+    return {"PYTHONPATH": os.pathsep.join([str(folder), ENV["PYTHONPATH"]])}
+
+
 def test_cuda_settings_train_through_charlm(tmp_path, corpus):
-    """fused AdamW + bf16-mixed + clipping + compile, the combination `charlm fit` takes on a CUDA GPU."""
+    """fused AdamW + bf16-mixed + clipping + compile, the combination `charlm fit` takes on a CUDA GPU; with
+    transformers and torchvision installed, which torchmetrics imports with Lightning (seconds, or a crash)
+    and charlm leaves out."""
+    env = gpu_image_packages(tmp_path / "site")
+    kept = subprocess.run(  # they are seen: with CHARLM_IMPORT_ALL=1 they are imported (and fail)
+        [CHARLM, "fit", "--no_such_option"],
+        env=os.environ | env | {"CHARLM_IMPORT_ALL": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert kept.returncode == 1 and "was imported" in kept.stderr
     graphs = tmp_path / "graphs.json"
     res = run_charlm(
         "fit",
@@ -44,7 +71,7 @@ def test_cuda_settings_train_through_charlm(tmp_path, corpus):
         "20",
         *callbacks("CountGraphs", path=str(graphs)),
         cwd=tmp_path,
-        env=ENV,
+        env=env,
     )
     assert res.returncode == 0, res.stderr
     ea = scalars(tmp_path / "logs/charlm/version_0")
