@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 from lightning_charlm.data import IGNORE
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.models import GPT, Bigram, GPTConfig
-from lightning_charlm.optim import MuonAdamW
+from lightning_charlm.optim import MuonAdamW, warmup_cosine
 from lightning_charlm.runs import check_checkpoint
 from lightning_charlm.sampling import GenerationConfig, check_settings, sample_text, stream_text
 from lightning_charlm.tokenizer import tokenizer_for
@@ -339,36 +339,16 @@ class CharLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _schedule(self):
-        """The lr factor per step: linear warmup, then cosine decay to min_lr at trainer.max_steps. A run
-        resumed with another max_steps after its warmup decays from the factor it had reached, instead of
-        jumping to where a run of the new length would be; the change is stated, and saved for later resumes.
-        """
-        hp, total = self.hparams, self.trainer.max_steps  # not estimated_stepping_batches: #20550
-        floor = hp.min_lr / hp.lr
-        saved = getattr(self, "_saved_schedule", None) or {"total": total, "start": None, "start_factor": 1.0}
-        start, start_factor = saved["start"], saved["start_factor"]
-        resumed_at = getattr(self, "_resumed_at", 0)
-        if saved["total"] != total and resumed_at > hp.warmup_steps:
-            old = self._factor(resumed_at, saved["total"], start, start_factor, floor)
-            if old - floor > 1e-6:
-                change = f"now decays from {hp.lr * old:.3g} at step {resumed_at} to {hp.min_lr:.3g}"
-                change += f" at step {total}"
-            else:  # a finished schedule: training on at min_lr, not a restart of the warmup and decay
-                change = f"had reached min_lr ({hp.min_lr:.3g}): the steps added run at min_lr"
-            rank_zero_info(f"charlm: max_steps {saved['total']} -> {total}: the learning rate {change}")
-            start, start_factor = resumed_at, old
-        self.schedule = {"total": total, "start": start, "start_factor": start_factor}  # saved in checkpoints
-        return lambda step: self._factor(step, total, start, start_factor, floor)
-
-    def _factor(self, step: int, total: int, start: int | None, start_factor: float, floor: float) -> float:
-        warmup = self.hparams.warmup_steps
-        if start is None and step < warmup:
-            return (step + 1) / (warmup + 1)
-        start = warmup if start is None else start
-        if total <= start:
-            return start_factor
-        progress = min(1.0, (step - start) / (total - start))
-        return floor + (start_factor - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        """optim.warmup_cosine to trainer.max_steps (not estimated_stepping_batches: #20550), continuing the
+        schedule of the checkpoint resumed from; its state goes into checkpoints (on_save_checkpoint)."""
+        hp = self.hparams
+        saved, resumed_at = getattr(self, "_saved_schedule", None), getattr(self, "_resumed_at", 0)
+        factor, self.schedule, change = warmup_cosine(
+            hp.lr, hp.min_lr, hp.warmup_steps, self.trainer.max_steps, saved, resumed_at
+        )
+        if change:
+            rank_zero_info(f"charlm: {change}")
+        return factor
 
 
 def _plain_name(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Muon for the matrices inside the blocks and AdamW for the rest, as one torch optimizer."""
+"""Muon for the matrices inside the blocks and AdamW for the rest, as one torch optimizer; the lr schedule."""
 
 from __future__ import annotations
 
@@ -71,3 +71,36 @@ class MuonAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         self._link()
+
+
+def warmup_cosine(
+    lr: float, min_lr: float, warmup: int, total: int, saved: dict | None = None, resumed_at: int = 0
+):
+    """The lr factor per step: linear warmup over `warmup` steps, then cosine decay to min_lr at step
+    `total`. A run resumed after its warmup with another total than its `saved` schedule decays from the
+    factor it had reached at `resumed_at`, instead of jumping to where a run of the new length would be.
+    Returns the factor (a plain function: LambdaLR would save a callable object's state, and a resume would
+    put the old schedule's back), the state to save for later resumes, and the change in words (or None)."""
+    floor, change = min_lr / lr, None
+    saved = saved or {"total": total, "start": None, "start_factor": 1.0}
+    start, start_factor = saved["start"], saved["start_factor"]
+
+    def factor_of(step: int, total: int, start: int | None, start_factor: float) -> float:
+        if start is None and step < warmup:
+            return (step + 1) / (warmup + 1)
+        start = warmup if start is None else start
+        if total <= start:
+            return start_factor
+        progress = min(1.0, (step - start) / (total - start))
+        return floor + (start_factor - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    if saved["total"] != total and resumed_at > warmup:
+        old = factor_of(resumed_at, saved["total"], start, start_factor)
+        if old - floor > 1e-6:
+            change = f"now decays from {lr * old:.3g} at step {resumed_at} to {min_lr:.3g} at step {total}"
+        else:  # a finished schedule: training on at min_lr, not a restart of the warmup and decay
+            change = f"had reached min_lr ({min_lr:.3g}): the steps added run at min_lr"
+        change = f"max_steps {saved['total']} -> {total}: the learning rate {change}"
+        start, start_factor = resumed_at, old
+    state = {"total": total, "start": start, "start_factor": start_factor}
+    return (lambda step: factor_of(step, total, start, start_factor)), state, change
