@@ -24,7 +24,7 @@ from lightning_charlm.corpus import found_here
 from lightning_charlm.data import DEFAULT_SPLIT, CharDataModule, check_unit, window_length
 from lightning_charlm.errors import CharLMError, user_error
 from lightning_charlm.module import CharLM, legacy_options
-from lightning_charlm.options import NOT_PREDICT, CharLMParser, describe_options
+from lightning_charlm.options import NOT_PREDICT, CharLMParser, check_config_sections, describe_options
 from lightning_charlm.runs import (
     RUNTIME_OPTIONS,
     SHAPE_OPTIONS,
@@ -139,6 +139,7 @@ class CharLMCLI(LightningCLI):
         if not self.config.get("subcommand"):
             return
         cfg = self.config[self.config.subcommand]
+        check_config_sections(cfg.get("config"))
         if cfg.get("weights_only") is False:  # every load here is weights-only: the option cannot turn it off
             raise CharLMError(
                 "--weights_only false: charlm loads checkpoints as tensors and primitives only, never "

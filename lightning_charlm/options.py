@@ -10,9 +10,10 @@ import re
 import sys
 from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 
-from lightning_charlm.errors import expected_in_words
+from lightning_charlm.errors import CharLMError, expected_in_words
 from lightning_charlm.module import GPTLM
 
 
@@ -72,6 +73,13 @@ def _one_line(message: str, parser: LightningArgumentParser) -> str:
         return (
             f"{key or '--model.help'} {not_a_class.group(1)}: no such model; the models are GPTLM and "
             "BigramLM (or the dotted path of your own LightningModule, my_package.MyLM)"
+        )
+    odd = re.match(r"\s*Unexpected config:(.*)", message, re.DOTALL)  # a -c file that is not a mapping
+    if odd:
+        held = odd.group(1).strip()
+        what = repr(held if len(held) <= 40 else held[:37] + "...") if held else "nothing (an empty file)"
+        return (
+            f"a -c config must hold options, `key: value` one per line (as configs/*.yaml); it holds {what}"
         )
     missing = re.search(r"File does not exist: '(.+)'", message)
     if key == "--config" and missing:
@@ -171,3 +179,29 @@ def describe_options(parser: LightningArgumentParser, subcommand: str) -> None:
             or (subcommand != "predict" and action.dest in NOT_EVALUATE)
             or (subcommand != "predict" and action.dest.split(".")[0] == "generate")
         }
+
+
+SECTIONS = ("trainer", "data", "model", "checkpoint", "early_stopping", "sample", "writer", "generate")
+
+
+def check_config_sections(configs: list | None) -> None:
+    """Each section of the -c files (trainer:, data:, ...) must hold options. Given a number or a list
+    instead, jsonargparse keeps it (and the run fails later with a traceback) or, when a --trainer.* option
+    follows, drops it without a word."""
+    for path in configs or []:
+        if path is None:  # a config given as a string, not a file: parsed as the file's would be
+            continue
+        try:
+            content = yaml.safe_load(path.get_content())
+        except (OSError, yaml.YAMLError):  # jsonargparse has read and parsed it already
+            continue
+        for key, value in content.items() if isinstance(content, dict) else ():
+            if (
+                key in SECTIONS
+                and not isinstance(value, dict)
+                and not (key == "model" and isinstance(value, str))
+            ):
+                raise CharLMError(
+                    f"{path}: the `{key}:` section must hold options, one per line indented below it (as in "
+                    f"configs/gpt-cpu.yaml), got {value!r}"
+                )

@@ -205,6 +205,8 @@ class RunFolder:
 
     def __init__(self, folder: Path):
         self.folder, self.fresh = folder, not folder.exists()
+        # and the folders above it this run makes (logs/NAME/ of a new name): removed too if left empty
+        self.made = [p for p in folder.parents if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
         self._lock = open(folder / ".lock", "a+")  # noqa: SIM115  (held until release)
         try:
@@ -226,6 +228,11 @@ class RunFolder:
     def discard_if_empty(self) -> None:
         if self.fresh and not any(self.folder.rglob("*.ckpt")):
             shutil.rmtree(self.folder, ignore_errors=True)
+            for parent in self.made:  # innermost first
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty: another run's, made meanwhile
+                    break
 
     def release(self) -> None:
         self._lock.close()  # closing the file drops the lock

@@ -12,7 +12,7 @@ from lightning_charlm.cli import main
 from lightning_charlm.errors import CharLMError, user_error
 from tests.conftest import charlm_main, make_corpus
 from tests.test_cli import TINY
-from tests.test_resume import callbacks
+from tests.test_resume import several_callbacks
 
 SHORT = ["--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--sample.every_n_steps", "1000"]
 
@@ -33,6 +33,9 @@ def work(tmp_path_factory) -> Path:
     (tmp / "blocked").write_text("a file where the logs folder should be\n")
     (tmp / "latin1-prompts.txt").write_bytes(b"caf\xe9\n")
     (tmp / "no-prompts.txt").write_text("")
+    (tmp / "empty.yaml").write_text("")
+    (tmp / "trainer-number.yaml").write_text("trainer: 5\n")
+    (tmp / "data-list.yaml").write_text("data: [1, 2]\n")
     ckpt = torch.load(tmp / BEST, weights_only=True)
     torch.save({"state_dict": ckpt["state_dict"]}, tmp / "weights-only.ckpt")
     hp = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "vocab"}
@@ -178,6 +181,16 @@ CASES = {
         r"--data\.unit: expected one of char, byte, got bytes$",
     ),
     "config not found": ([*FIT, "-c", "nope.yaml"], r"charlm: error: config file not found: \S*nope\.yaml$"),
+    "config empty": ([*FIT, "-c", "empty.yaml"], r"a -c config must hold options, .* it holds nothing"),
+    # jsonargparse would drop `trainer: 5` without a word when a --trainer.* option follows
+    "config section a number": (
+        [*FIT, "-c", "trainer-number.yaml"],
+        r"trainer-number\.yaml: the `trainer:` section must hold options, .* got 5$",
+    ),
+    "config section a list": (  # would fail later with a traceback
+        ["validate", "-c", "data-list.yaml", "--ckpt_path", BEST],
+        r"data-list\.yaml: the `data:` section must hold options, .* got \[1, 2\]$",
+    ),
     "misspelt option": (
         [*FIT, "--data.pth", "x"],
         r"unknown option --data\.pth \(did you mean --data\.path\?\)",
@@ -306,9 +319,14 @@ def test_non_finite_loss_stops_and_keeps_earlier_checkpoints(tmp_path):
         "--checkpoint.last_every_n_steps",
         "5",
     ]
-    res = charlm_main(*args, *callbacks("PoisonAtStep", step=12), cwd=tmp_path)
+    went_on = tmp_path / "went-on"  # written if training went on after the loss turned nan
+    poisoned = several_callbacks(
+        ("PoisonAtStep", {"step": 12}), ("MarkAtStep", {"step": 14, "path": str(went_on)})
+    )
+    res = charlm_main(*args, *poisoned, cwd=tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert re.search(r"non-finite \(nan or inf\) at step 1[23]\b", res.stderr), res.stderr[-2000:]
+    assert not went_on.exists()  # on a CPU it stops at that step (on a GPU: at the next logging step)
     ckpts = tmp_path / "logs/charlm/version_0/checkpoints"
     for name in ("best.ckpt", "last.ckpt"):
         state = torch.load(ckpts / name, weights_only=True)

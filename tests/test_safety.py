@@ -112,7 +112,7 @@ def test_refused_or_interrupted_fresh_run_leaves_no_folder(tmp_path, corpus, mon
     )
     assert res.returncode == 130 and res.stderr.endswith("charlm: interrupted\n"), res.stderr[-2000:]
     assert "Detected KeyboardInterrupt" not in res.stderr and "Traceback" not in res.stderr
-    assert not list((tmp_path / "logs").glob("charlm/version_*")), res.stderr[-2000:]
+    assert not (tmp_path / "logs").exists(), res.stderr[-2000:]  # nor logs/charlm/ above it, made for it
 
 
 def test_a_second_process_cannot_write_a_run_folder_in_use(stopped_run, tmp_path):
