@@ -398,7 +398,7 @@ class BigramLM(CharLM):
 
 
 class GPTLM(CharLM):
-    """A GPT (models/gpt.py): token and position embeddings, pre-norm attention blocks, a tied head."""
+    """A GPT (models/gpt.py): token embeddings, pre-norm attention blocks and a head."""
 
     def __init__(
         self,

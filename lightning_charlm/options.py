@@ -8,6 +8,7 @@ import difflib
 import inspect
 import re
 import sys
+import textwrap
 from typing import Any
 
 import yaml
@@ -169,6 +170,11 @@ def describe_options(parser: LightningArgumentParser, subcommand: str) -> None:
             group.title = "Lightning's Trainer: the devices, precision, logger and loop"
         if subcommand != "fit" and group.title and group.title.startswith("The model to train"):
             group.title = "The model: the checkpoint's (--ckpt_path), as it was trained"
+        if group.title and len(group.title) >= 80:  # a class docstring's first line: an 80-column terminal
+            group.title = textwrap.fill(group.title, 79)
+    # Not the generated usage (every option in brackets, 70 lines, some wider than a terminal): the options
+    # are listed below it.
+    parser.usage = f"charlm {subcommand} [-c CONFIG] [options]"
     if subcommand != "fit":  # what only training reads: accepted (a config may hold it), not listed
         parser.unlisted = {
             action.dest

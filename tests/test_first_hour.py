@@ -184,6 +184,7 @@ def test_help_is_quick_and_says_what_the_options_mean(tmp_path, monkeypatch):
     assert max(len(line) for line in overview.stdout.splitlines()) <= 80  # an 80-column terminal
     assert seconds < 30  # a timing is measured in the note, not asserted; this only catches a hang
     fit_help = charlm_main("fit", "--help", cwd=tmp_path).stdout
+    assert fit_help.startswith("usage: charlm fit [-c CONFIG] [options]\n")  # not every option in brackets
     assert "--data.vocab VOCAB" not in fit_help.split("ARG:")[-1] and "[--data.vocab" not in fit_help
     options = re.findall(r"\n  (--(?:data|generate|writer)\.\w+) [A-Z_ {},a-z]*\n? +(\S[^\n]*)", fit_help)
     assert len(options) >= 14 and not [opt for opt, text in options if text.startswith("(type:")]
@@ -194,9 +195,13 @@ def test_help_is_quick_and_says_what_the_options_mean(tmp_path, monkeypatch):
     assert "write last.ckpt every" in fit_help and len(fit_help.splitlines()) < 550
     printed = charlm_main("fit", "--trainer.max_epochs", "3", "--print_config", cwd=tmp_path).stdout
     assert "max_epochs: 3" in printed and "filename: best" in printed
-    assert "Shared by both" not in charlm_main("fit", "--model.help", "GPTLM", cwd=tmp_path).stdout
+    model_help = charlm_main("fit", "--model.help", "GPTLM", cwd=tmp_path).stdout
+    assert "Shared by both" not in model_help
+    for text in (fit_help, model_help):  # an 80-column terminal: usage and group titles included
+        assert max(len(line) for line in text.splitlines()) <= 80
     for name in ("test", "predict"):  # no header of Lightning's cut mid-sentence ("... Useful to:")
         sub_help = charlm_main(name, "--help", cwd=tmp_path).stdout
+        assert max(len(line) for line in sub_help.splitlines()) <= 80
         assert f"\ncharlm {name}:\n  --ckpt_path" in sub_help and not re.search(r"(to|your):\n", sub_help)
         # what only training reads is not listed where nothing trains
         assert (
