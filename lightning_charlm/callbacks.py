@@ -20,6 +20,7 @@ from rich.progress import ProgressColumn, Task
 from rich.text import Text
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from lightning_charlm.console import say
 from lightning_charlm.corpus import TINY_SHAKESPEARE, is_pattern
 from lightning_charlm.errors import CharLMError
 from lightning_charlm.tokenizer import ByteTokenizer
@@ -254,12 +255,11 @@ class RunSummary(L.Callback):
         line = self._line(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if not trainer.is_global_zero:
             return
-        print(f"charlm: {line}", flush=True)
+        say(f"charlm: {line}")
         if trainer.strategy.root_device.type == "cpu" and self.params["parameters"] > CPU_SIZED:
-            print(
+            say(
                 f"charlm: note: {self.params['parameters'] / 1e6:.1f}M parameters is a model for a GPU: on a "
-                "CPU each step takes seconds; configs/gpt-cpu.yaml is sized for one",
-                flush=True,
+                "CPU each step takes seconds; configs/gpt-cpu.yaml is sized for one"
             )
         logger = trainer.logger
         if not isinstance(logger, TensorBoardLogger):
@@ -285,9 +285,9 @@ class RunSummary(L.Callback):
             return
         step, steps = trainer.global_step, trainer.max_steps
         if (why := _stopped_early(trainer.early_stopping_callback)) and step < steps:
-            print(f"charlm: stopped early at step {step} of {steps}: {why}", flush=True)
+            say(f"charlm: stopped early at step {step} of {steps}: {why}")
         if ckpt is not None and ckpt.best_model_score is not None:
-            print(f"charlm: best val/loss {ckpt.best_model_score:.4f}: {ckpt.best_model_path}", flush=True)
+            say(f"charlm: best val/loss {ckpt.best_model_score:.4f}: {ckpt.best_model_path}")
 
     @staticmethod
     def _params(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

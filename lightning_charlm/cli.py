@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_charlm.__main__ import SUBCOMMANDS
 from lightning_charlm.callbacks import RunSummary, SampleText, StepProgressBar, TokensPerSecond
 from lightning_charlm.checkpointing import SAVED_ON_SIGNAL, Checkpoint
+from lightning_charlm.console import say
 from lightning_charlm.corpus import found_here
 from lightning_charlm.data import DEFAULT_SPLIT, CharDataModule, check_unit, window_length
 from lightning_charlm.errors import CharLMError, user_error
@@ -277,10 +278,8 @@ class CharLMCLI(LightningCLI):
         trainer = super()._instantiate_trainer(config, callbacks)
         fp16 = str(config.get("precision")) in ("16-mixed", "16")
         if fp16 and trainer.precision == "bf16-mixed" and trainer.is_global_zero:  # Lightning's, off CUDA
-            print(
-                "charlm: note: --trainer.precision 16-mixed is for CUDA GPUs; this run uses bf16-mixed",
-                file=sys.stderr,
-            )
+            note = "--trainer.precision 16-mixed is for CUDA GPUs; this run uses bf16-mixed"
+            say(f"charlm: note: {note}", sys.stderr)
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -489,19 +488,19 @@ def main(args: list[str] | None = None) -> None:
         message = user_error(err)
         if message is None:
             raise
-        print(f"charlm: error: {message}", file=sys.stderr)
+        say(f"charlm: error: {message}", sys.stderr)
         sys.exit(2)
     except SIGTERMException:
         predicting = "predict" in (sys.argv[1:] if args is None else args)
         step, path = SAVED_ON_SIGNAL[-1] if SAVED_ON_SIGNAL else (None, None)
         written = f": {WRITTEN_ON_SIGNAL[-1]}" if predicting and WRITTEN_ON_SIGNAL else ""
-        print(
+        say(
             f"charlm: stopped by a signal{f' at step {step}' if path else ''}{written}"
             f"{'' if predicting else '; continue with --ckpt_path last'}",
-            file=sys.stderr,
+            sys.stderr,
         )
-        if path:  # a line of its own: a long path would break the line above mid-word in a terminal
-            print(f"charlm: saved {path}", file=sys.stderr)
+        if path:  # a line of its own: a path has no space to be broken at
+            say(f"charlm: saved {path}", sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C: a checkpoint being written is still finished on exit
         print("charlm: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 
+from lightning_charlm.console import say
 from lightning_charlm.errors import CharLMError, expected_in_words
 from lightning_charlm.module import GPTLM
 
@@ -43,7 +44,7 @@ class CharLMParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        print(f"charlm: error: {_one_line(str(message), parser)}", file=sys.stderr)
+        say(f"charlm: error: {_one_line(str(message), parser)}", sys.stderr)
         print(f"every option: {prog} --help", file=sys.stderr)
         sys.exit(2)
 

@@ -60,6 +60,24 @@ def on_a_terminal(cmd: list[str], cwd, env: dict | None = None) -> list[str]:
     return reads
 
 
+def test_charlms_own_lines_break_between_words_on_a_terminal_only(monkeypatch, tmp_path):
+    """A terminal breaks a long line wherever its width ends, mid-word: charlm breaks its own lines (run
+    summary, errors, where it saved) between words first; in a file they stay one line each."""
+    from lightning_charlm.console import say
+
+    line = "charlm: error: model.lr must be > 0 and 0 <= model.min_lr <= lr, got lr=0.0, min_lr=0.0001"
+    monkeypatch.setenv("COLUMNS", "40")
+    main, terminal = pty.openpty()
+    with open(terminal, "w", closefd=True) as tty:
+        say(line, tty)
+    shown = os.read(main, 4096).decode().replace("\r\n", "\n").splitlines()
+    os.close(main)
+    assert len(shown) > 2 and all(len(part) <= 40 for part in shown) and " ".join(shown) == line
+    with open(tmp_path / "log.txt", "w") as file:
+        say(line, file)
+    assert (tmp_path / "log.txt").read_text() == line + "\n"
+
+
 def test_the_context_length_is_set_once(tmp_path, corpus):
     assert "--data.block_size" not in MODEL_ONLY and "--model.block_size" in MODEL_ONLY
     fit(tmp_path, "--data.path", str(corpus), "--model.block_size", "16", "--trainer.max_steps", "2")
