@@ -104,9 +104,12 @@ class Checkpoint(ModelCheckpoint):
             self._bad_step = torch.full_like(loss, -1)
         self._bad_step = torch.where(~loss.isfinite() & (self._bad_step < 0), current, self._bad_step)
         # On a CPU the flag is read at no cost: a nan loss stops the run at once, not up to a logging step on
-        # (where the bar would show `loss: nan` meanwhile). The weights are checked at logging steps.
-        on_cpu_and_bad = pl_module.device.type == "cpu" and int(self._bad_step) >= 0
-        if trainer.global_step % trainer.log_every_n_steps == 0 or on_cpu_and_bad:
+        # (where the bar would show `loss: nan` meanwhile). The weights are checked at logging steps. Under
+        # DDP every rank checks at the same steps, so that all stop together (a rank's loss turns nan a step
+        # after another's, through the averaged gradients: the first to stop would leave the rest waiting).
+        alone_on_cpu = trainer.world_size == 1 and pl_module.device.type == "cpu"
+        logging_step = trainer.global_step % trainer.log_every_n_steps == 0
+        if logging_step or (alone_on_cpu and int(self._bad_step) >= 0):
             self._raise_if_nonfinite(trainer)
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True  # so Lightning validates at the final step too: best.ckpt and val/loss
