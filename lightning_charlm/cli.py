@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 import tempfile
 import warnings
@@ -460,17 +461,24 @@ NOISE = (
     "Restored all states from the checkpoint",
     "Loaded model weights from the checkpoint",
     "`Trainer.fit` stopped: `max_steps",  # the run's end line follows
+    "Initializing distributed:",  # once per rank; the run summary says "on 2 x cpu"
+    "-" * 100 + "\ndistributed_backend=",  # Lightning's banner when the ranks have met
 )
 
 
 def _quiet() -> None:
     """Drop the lines Lightning prints on every command that say nothing about this run (devices it does not
     use, an advertisement, its signal bookkeeping, a deprecation inside Lightning itself)."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
-        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith(NOISE))
+    loggers = ("pytorch.utilities.rank_zero", "fabric.utilities.rank_zero", "fabric.utilities.seed")
+    for name in (*loggers, "fabric.utilities.distributed"):  # a rank's own lines start "[rank: N] "
+        logging.getLogger(f"lightning.{name}").addFilter(
+            lambda record: not re.sub(r"^\[rank: \d+\] ", "", str(record.msg)).startswith(NOISE)
+        )
     # "[rank: 0] Received SIGTERM: 2" on Ctrl-C: the Checkpoint callback says what happens instead.
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning's all_gather (under DDP, of the RNG states saved in each checkpoint), once per rank and save
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
     # A checkpoint of a run with --trainer.max_time holds its Timer's state: of no use to validate, test or
     # predict, nor to a resume without a time limit (one with a limit has its Timer back).
     warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.*: \['Timer'\]\.$")

@@ -44,7 +44,7 @@ class PredictionWriter(BasePredictionWriter):
         """Where predict's output goes.
 
         Args:
-            output: also write the predictions to this file (one per rank under DDP: NAME.rank1.txt, ...).
+            output: also write the predictions to this file (under DDP one per rank: NAME.rank0.txt, ...).
             overwrite: replace `output` if it exists (otherwise that is an error, checked before generating).
             format: text (prompt + continuation, a blank line between records) or jsonl (one JSON object per
                 record: prompt, text, seed and the generation settings), for stdout and `output` alike.

@@ -46,6 +46,9 @@ def ddp_run(tmp_path_factory):
     spy = ["--trainer.callbacks", json.dumps(spies)]
     res = run_charlm("fit", *RUN, *DDP, "--data.path", str(corpus), *spy, cwd=tmp, env=ENV)
     assert res.returncode == 0, res.stderr
+    # each rank's bookkeeping is not the user's: no per-rank seed line, no banner, no deprecation per save
+    noise = ("Seed set to", "Initializing distributed", "distributed_backend=", "all_gather is deprecated")
+    assert not [line for line in noise if line in res.stdout + res.stderr], res.stdout + res.stderr
     return tmp, corpus
 
 
