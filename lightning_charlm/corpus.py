@@ -166,8 +166,10 @@ def corpus_path(path: str | os.PathLike | None) -> Path:
 
 
 def found_here(path: str | os.PathLike | None) -> bool:
-    """Whether --data.path can name a corpus from this folder (a pattern is checked when it is read)."""
-    return path is None or is_pattern(path) or Path(path).exists() or str(path) in _known()
+    """Whether --data.path can name a corpus from this folder (a pattern: whether it matches a file)."""
+    if path is not None and is_pattern(path):
+        return any(Path(p).is_file() for p in glob.iglob(str(path), recursive=True))
+    return path is None or Path(path).exists() or str(path) in _known()
 
 
 def is_pattern(path: str | os.PathLike) -> bool:

@@ -276,6 +276,14 @@ def test_a_checkpoints_relative_corpus_path_from_another_folder(work, tmp_path, 
         main(["validate", "--ckpt_path", str(work / BEST)])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "was trained on --data.path corpus.txt, not found from this folder" in err
+    # trained on a pattern (the checkpoint says so): the same words, not "no file matches"
+    ckpt = torch.load(work / BEST, weights_only=True)
+    ckpt["datamodule_hyper_parameters"]["path"] = "corp*.txt"
+    torch.save(ckpt, tmp_path / "pattern.ckpt")
+    with pytest.raises(SystemExit) as exit:
+        main(["validate", "--ckpt_path", "pattern.ckpt"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "was trained on --data.path corp*.txt, not found from this folder" in err
 
 
 def test_any_utf8_text_and_long_prompts_work(work):
