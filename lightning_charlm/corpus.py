@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from lightning_charlm.errors import CharLMError
@@ -168,8 +169,13 @@ def corpus_path(path: str | os.PathLike | None) -> Path:
 def found_here(path: str | os.PathLike | None) -> bool:
     """Whether --data.path can name a corpus from this folder (a pattern: whether it matches a file)."""
     if path is not None and is_pattern(path):
-        return any(Path(p).is_file() for p in glob.iglob(str(path), recursive=True))
+        return next(_matches(path), None) is not None
     return path is None or Path(path).exists() or str(path) in _known()
+
+
+def _matches(pattern: str | os.PathLike) -> Iterator[Path]:
+    """The files a glob pattern matches (`**` crosses folders), as found."""
+    return (p for p in map(Path, glob.iglob(str(pattern), recursive=True)) if p.is_file())
 
 
 def is_pattern(path: str | os.PathLike) -> bool:
@@ -181,7 +187,7 @@ def corpus_files(path: str | os.PathLike | None) -> list[Path]:
     """The corpus's files, in sorted order: one file; every file under a folder (at any depth, hidden ones
     left out); or every file a glob pattern matches (`**` crosses folders)."""
     if path is not None and is_pattern(path):
-        files = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if p.is_file())
+        files = sorted(_matches(path))
         if not files:
             raise CharLMError(f"no file matches the corpus pattern {path}")
         return files
